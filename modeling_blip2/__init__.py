@@ -1,0 +1,36 @@
+"""blip2-bridge: BLIP-2 for the Hugging Face ecosystem. Importing this package registers it with the Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoProcessor,
+)
+
+from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
+from .modeling_blip2_bridge import Blip2BridgeModel, Blip2BridgeModelOutput
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+
+
+AutoConfig.register(Blip2BridgeConfig.model_type, Blip2BridgeConfig, exist_ok=True)
+AutoConfig.register(Blip2BridgeQFormerConfig.model_type, Blip2BridgeQFormerConfig, exist_ok=True)
+AutoModel.register(Blip2BridgeConfig, Blip2BridgeModel, exist_ok=True)
+AutoModel.register(Blip2BridgeQFormerConfig, Blip2BridgeQFormerModel, exist_ok=True)
+AutoModelForPreTraining.register(Blip2BridgeConfig, Blip2BridgeModel, exist_ok=True)
+AutoImageProcessor.register(Blip2BridgeConfig, slow_image_processor_class=Blip2BridgeImageProcessor, exist_ok=True)
+AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blip2BridgeConfig",
+    "Blip2BridgeImageProcessor",
+    "Blip2BridgeModel",
+    "Blip2BridgeModelOutput",
+    "Blip2BridgePreTrainedModel",
+    "Blip2BridgeProcessor",
+    "Blip2BridgeQFormerConfig",
+    "Blip2BridgeQFormerModel",
+]

@@ -1,0 +1,449 @@
+"""Stage 1 of BLIP-2: the Q-Former learns to read a frozen image encoder through ITC, ITM and ITG."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, Blip2VisionConfig, Blip2VisionModel, GenerationConfig, GenerationMixin
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
+from .losses import (
+    gather_across_processes,
+    gather_text_across_processes,
+    image_grounded_generation_loss,
+    image_text_contrastive_loss,
+    image_text_matching_loss,
+    max_over_queries_similarity,
+    pad_to_length,
+    sample_hard_negatives,
+    world_size_and_rank,
+)
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+
+
+@dataclass
+class Blip2BridgeModelOutput(ModelOutput):
+    """
+    loss: loss_itc + loss_itm + loss_itg, when text is given and `return_loss` is not False.
+    loss_itc, loss_itm, loss_itg: the three stage-1 objectives.
+    logits_per_image: (batch, gathered_batch) image-to-text similarities divided by the temperature.
+    logits_per_text: (batch, gathered_batch) text-to-image similarities divided by the temperature.
+    itm_logits: (3 * batch, 2) matching logits for [positive pairs; (negative image, text); (image, negative text)].
+    image_feats: (batch, num_query_tokens, embed_dim) L2-normalised query embeddings for ITC.
+    text_feats: (batch, embed_dim) L2-normalised [CLS] embeddings for ITC.
+    query_output: (batch, num_query_tokens, hidden_size) the Q-Former's query outputs, the visual representation.
+    image_embeds: (batch, image_length, vision_width) the features the Q-Former cross-attended to.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_itg: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    image_feats: torch.FloatTensor | None = None
+    text_feats: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class Blip2BridgeTextPredictionHead(nn.Module):
+    """BERT's LM head: dense + activation + LayerNorm, then the vocabulary projection tied to the word embeddings."""
+
+    def __init__(self, config: Blip2BridgeQFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.activation(self.dense(hidden_states))))
+
+
+def build_vision_model(vision_config):
+    """Any vision tower AutoModel builds; BLIP-2's own (the EVA ViT-g layout) is not in AutoModel's table."""
+    if isinstance(vision_config, Blip2VisionConfig):
+        return Blip2VisionModel(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
+class Blip2BridgeVisionMixin:
+    """The frozen image encoder and its LayerNorm, shared by the stage-1 and stage-2 models."""
+
+    def _build_vision(self, config: Blip2BridgeConfig):
+        self.vision_model = build_vision_model(config.vision_config)
+        self.vision_layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_layer_norm_eps)
+        if config.freeze_vision_model:
+            self.vision_model.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision_model:
+            # A frozen encoder stays in eval mode: no dropout, no drop-path, fixed normalisation statistics.
+            self.vision_model.eval()
+        return self
+
+    def get_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(batch, image_length, vision_width): the vision features after `vision_layernorm`."""
+        expected_channels = getattr(self.config.vision_config, "num_channels", 3)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != expected_channels:
+            channels = pixel_values.shape[1] if pixel_values.dim() == 4 else "?"
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} ({channels} channels); expected "
+                f"(batch, {expected_channels}, height, width)"
+                + (" (RGB)" if expected_channels == 3 else "")
+            )
+        feature_layer = self.config.vision_feature_layer
+        pixel_values = pixel_values.to(self.vision_model.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_model):
+            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=feature_layer is not None)
+        features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
+        return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
+
+    def _resolve_image_embeds(
+        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of pixel_values and image_embeds")
+        if pixel_values is not None:
+            return self.get_image_embeds(pixel_values)
+        width = self.config.qformer_config.encoder_hidden_size
+        if image_embeds.dim() != 3 or image_embeds.shape[-1] != width:
+            raise ValueError(
+                f"image_embeds has shape {tuple(image_embeds.shape)}; expected (batch, image_length, {width})"
+            )
+        return image_embeds
+
+    def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False):
+        """Runs the learned queries over the image; returns the Q-Former output (with the queries' cache if asked)."""
+        query_embeds = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=query_embeds, image_embeds=image_embeds, use_cache=use_cache)
+
+
+class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
+    """BLIP-2 stage 1: vision encoder (frozen), learned queries, Q-Former, ITC projections, ITM head and ITG head.
+
+    `forward` returns `loss = loss_itc + loss_itm + loss_itg`, computed as the original implementation does.
+    """
+
+    config: Blip2BridgeConfig
+    _tied_weights_keys = {"itg_head.decoder.weight": "qformer.word_embeddings.weight"}
+
+    def __init__(self, config: Blip2BridgeConfig):
+        super().__init__(config)
+        qformer_config = config.qformer_config
+        self._build_vision(config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.qformer = Blip2BridgeQFormerModel(qformer_config)
+        self.vision_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(qformer_config.hidden_size, 2)
+        self.itg_head = Blip2BridgeTextPredictionHead(qformer_config)
+        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.qformer.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.qformer.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.itg_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.itg_head.decoder = value
+
+    # ---- features -------------------------------------------------------------------------------------------------
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, num_query_tokens, embed_dim) L2-normalised query embeddings, the image side of ITC."""
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        return F.normalize(self.vision_proj(self.get_query_output(image_embeds).last_hidden_state), dim=-1)
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, embed_dim) L2-normalised [CLS] embeddings of the unimodal text pass, the text side of ITC."""
+        self._check_text(input_ids, attention_mask)
+        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
+
+    def get_itm_logits(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """(num_pairs, 2) image-text matching logits; softmax(...)[:, 1] is the probability that the pair matches.
+
+        Row i pairs text i with image `image_index[i]` (default image i), so one image can be scored against many
+        texts while its cross-attention keys/values are computed once.
+        """
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        self._check_text(input_ids, attention_mask, image_index.shape[0] if image_index is not None else image_embeds.shape[0])
+        return self._itm_logits(image_embeds, input_ids, attention_mask, image_index)
+
+    def _itm_logits(self, image_embeds, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+        query_embeds = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        output = self.qformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            query_embeds=query_embeds,
+            image_embeds=image_embeds,
+            image_index=image_index,
+        ).last_hidden_state
+        # The original averages the 2-way head over the query positions only.
+        return self.itm_head(output[:, : query_embeds.shape[1]]).mean(dim=1)
+
+    def _check_text(self, input_ids, attention_mask, batch_size: int | None = None):
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, text_length) with text_length >= 1 "
+                "(tokenize with the processor: even an empty caption becomes [CLS] [SEP])"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected the shape of input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        if batch_size is not None and input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"input_ids has batch size {input_ids.shape[0]} but there are {batch_size} images; "
+                "each text needs one image"
+            )
+
+    # ---- stage-1 objectives ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> Blip2BridgeModelOutput:
+        r"""
+        pixel_values: (batch, 3, height, width) images, or
+        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, instead of pixels.
+        input_ids: (batch, text_length) Q-Former (BERT) token ids, [CLS] first; attention_mask: 1 for real tokens.
+        image_ids: (batch,) optional ids of the images; captions of the same image are all ITC positives and never
+            drawn as ITM negatives of each other.
+        return_loss: compute ITC + ITM + ITG (default: whenever text is given). False stops after the ITC
+            similarities.
+        """
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        batch_size = image_embeds.shape[0]
+        if input_ids is None:
+            query_output = self.get_query_output(image_embeds).last_hidden_state
+            image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+            return Blip2BridgeModelOutput(image_feats=image_feats, query_output=query_output, image_embeds=image_embeds)
+        self._check_text(input_ids, attention_mask, batch_size)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_ids is not None and image_ids.shape != (batch_size,):
+            raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}; expected ({batch_size},)")
+        return_loss = True if return_loss is None else return_loss
+
+        # The queries' pass keeps its self-attention keys/values: the ITG text pass below attends to them.
+        query_pass = self.get_query_output(image_embeds, use_cache=return_loss)
+        query_output = query_pass.last_hidden_state
+        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+        text_feats = self.get_text_features(input_ids, attention_mask)
+
+        # ---- ITC ----
+        world_size, rank = world_size_and_rank()
+        image_feats_all = gather_across_processes(image_feats, with_grad=self.config.gather_with_grad)
+        text_feats_all = gather_across_processes(text_feats, with_grad=self.config.gather_with_grad)
+        sim_i2t = max_over_queries_similarity(image_feats, text_feats_all) / self.temp
+        sim_t2i = max_over_queries_similarity(image_feats_all, text_feats).t() / self.temp
+        if image_ids is None:
+            targets = torch.arange(batch_size, device=sim_i2t.device) + rank * batch_size
+            positive_mask = F.one_hot(targets, num_classes=batch_size * world_size).bool()
+        else:
+            positive_mask = image_ids[:, None] == gather_across_processes(image_ids)[None, :]
+        if not return_loss:
+            return Blip2BridgeModelOutput(
+                logits_per_image=sim_i2t,
+                logits_per_text=sim_t2i,
+                image_feats=image_feats,
+                text_feats=text_feats,
+                query_output=query_output,
+                image_embeds=image_embeds,
+            )
+        loss_itc = image_text_contrastive_loss(sim_i2t, sim_t2i, positive_mask, positive_mask)
+
+        # ---- ITM: a hard negative image for each text (drawn first), then a hard negative text for each image ----
+        negative_image_index = sample_hard_negatives(sim_t2i, positive_mask)
+        negative_text_index = sample_hard_negatives(sim_i2t, positive_mask)
+        input_ids_all, attention_mask_all = gather_text_across_processes(
+            input_ids, attention_mask, self.config.qformer_config.pad_token_id
+        )
+        # Gathered texts are padded to the longest process; extra padding is masked and changes no output.
+        text_length = input_ids_all.shape[1]
+        local_input_ids = pad_to_length(input_ids, text_length, self.config.qformer_config.pad_token_id)
+        local_attention_mask = pad_to_length(attention_mask, text_length, 0)
+        # Text rows: [positives; positives; negative texts] are paired with images [positives; negatives; positives].
+        itm_input_ids = torch.cat([local_input_ids, local_input_ids, input_ids_all[negative_text_index]])
+        itm_attention_mask = torch.cat(
+            [local_attention_mask, local_attention_mask, attention_mask_all[negative_text_index]]
+        )
+        positives = torch.arange(batch_size, device=image_embeds.device)
+        if world_size == 1:
+            itm_images, negatives = image_embeds, negative_image_index
+        else:
+            image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
+            itm_images = torch.cat([image_embeds, image_embeds_all[negative_image_index]])
+            negatives = positives + batch_size
+        itm_logits = self._itm_logits(
+            itm_images, itm_input_ids, itm_attention_mask, torch.cat([positives, negatives, positives])
+        )
+        loss_itm = image_text_matching_loss(itm_logits, num_positives=batch_size)
+
+        # ---- ITG: [DEC] replaces [CLS]; text is causal and reads every query through the cached keys/values ----
+        decoder_input_ids = input_ids.clone()
+        decoder_input_ids[:, 0] = self.config.qformer_config.bos_token_id
+        text_output = self.qformer(
+            input_ids=decoder_input_ids,
+            attention_mask=attention_mask,
+            past_key_values=query_pass.past_key_values,
+            is_causal=True,
+        ).last_hidden_state
+        # Predict token t+1 from position t; padded targets are left out before the vocabulary projection.
+        labels = decoder_input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        predicted = labels != -100
+        loss_itg = image_grounded_generation_loss(self.itg_head(text_output[:, :-1][predicted]), labels[predicted])
+
+        return Blip2BridgeModelOutput(
+            loss=loss_itc + loss_itm + loss_itg,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_itg=loss_itg,
+            logits_per_image=sim_i2t,
+            logits_per_text=sim_t2i,
+            itm_logits=itm_logits,
+            image_feats=image_feats,
+            text_feats=text_feats,
+            query_output=query_output,
+            image_embeds=image_embeds,
+        )
+
+    # ---- captioning with the Q-Former decoder ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Captions images with the ITG decoder, through transformers' `generate` (greedy, beams, sampling, ...).
+
+        input_ids: optional prompt in Q-Former tokens starting with [DEC]; default [DEC] alone. Returns the token ids,
+        prompt included; decode them with the processor's tokenizer.
+        """
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        batch_size = image_embeds.shape[0]
+        qformer_config = self.config.qformer_config
+        if input_ids is None:
+            input_ids = torch.full((batch_size, 1), qformer_config.bos_token_id, device=image_embeds.device)
+        self._check_text(input_ids, attention_mask, batch_size)
+        return Blip2BridgeCaptionDecoder(self).generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            query_embeds=self.query_tokens.expand(batch_size, -1, -1),
+            image_embeds=image_embeds,
+            **generate_kwargs,
+        )
+
+    def _caption_generation_config(self) -> GenerationConfig:
+        qformer_config = self.config.qformer_config
+        # The original captions with 3 beams, 10 to 30 tokens; [SEP] ends a caption.
+        return GenerationConfig(
+            bos_token_id=qformer_config.bos_token_id,
+            eos_token_id=qformer_config.sep_token_id,
+            pad_token_id=qformer_config.pad_token_id,
+            max_length=30,
+            num_beams=3,
+        )
+
+
+class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
+    """A view of a stage-1 model's Q-Former and ITG head as a causal LM, so `GenerationMixin` drives captioning.
+
+    It shares the parent's modules (no copy, no new weights) and is built per `generate` call. The first step runs
+    the queries (cross-attending to the image) and the prompt in one multimodal-causal pass; later steps read the
+    cache, which then holds the queries' keys/values before the text's.
+    """
+
+    config: Blip2BridgeQFormerConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, model: Blip2BridgeModel):
+        super().__init__(model.config.qformer_config)
+        self.qformer = model.qformer
+        self.itg_head = model.itg_head
+        self.generation_config = model._caption_generation_config()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        output = self.qformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            query_embeds=query_embeds,
+            image_embeds=image_embeds,
+            is_causal=True,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_ids=position_ids,
+        )
+        query_length = 0 if query_embeds is None else query_embeds.shape[1]
+        logits = self.itg_head(output.last_hidden_state[:, query_length:])
+        return CausalLMOutputWithPast(logits=logits, past_key_values=output.past_key_values)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, query_embeds=None, image_embeds=None, **kwargs
+    ):
+        has_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if has_cache:
+            # The queries and earlier tokens are cached; only the newest token runs.
+            input_ids, query_embeds, image_embeds = input_ids[:, -1:], None, None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids) if not has_cache else None
+        position_ids = None
+        if attention_mask is not None:
+            # Text positions count real tokens from 0, so left-padded prompts line up with unpadded ones.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "query_embeds": query_embeds,
+            "image_embeds": image_embeds,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+            "use_cache": True,
+        }

@@ -1,0 +1,321 @@
+"""The Querying Transformer (Q-Former): learned queries and text sharing one BERT, queries cross-attending to images.
+
+One module serves the three attention modes of BLIP-2 stage 1:
+- text only, bidirectional (ITC text features),
+- queries + text, bidirectional (ITM),
+- queries + causal text, where queries never see text (ITG, and caption generation with a key/value cache).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax(q k^T * scale + mask) v, the reference the other attention backends must match."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def qformer_attention_mask(
+    key_padding_mask: torch.Tensor | None,
+    num_rows: int,
+    num_keys: int,
+    num_query_rows: int,
+    causal: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Additive (batch, 1, rows, keys) mask for one Q-Former self-attention pass.
+
+    The rows of this pass are the last `num_rows` of the `num_keys` positions (earlier ones come from the cache). In
+    causal mode query rows see every query and nothing else, and text rows see every query and the text up to
+    themselves: key k is visible from row position p when k < num_query_rows or k <= p. Returns None when every key is
+    visible, so attention backends can take their unmasked fast path.
+    """
+    if not causal and key_padding_mask is None:
+        return None
+    device = key_padding_mask.device if key_padding_mask is not None else None
+    visible = torch.ones(1, 1, num_rows, num_keys, dtype=torch.bool, device=device)
+    if causal:
+        row_positions = torch.arange(num_keys - num_rows, num_keys, device=device)[:, None]
+        key_positions = torch.arange(num_keys, device=device)[None, :]
+        visible = visible & ((key_positions < num_query_rows) | (key_positions <= row_positions))
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].bool()
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+class Blip2BridgeQFormerAttention(nn.Module):
+    """Multi-head attention + BERT's output block (dense, dropout, residual LayerNorm).
+
+    As cross-attention, keys and values come from the image features; `image_index` lets several rows share one
+    image's features (ITM pairs each image with three texts), so its key/value projections are computed once.
+    """
+
+    def __init__(self, config: Blip2BridgeQFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # the mask we pass says everything; SDPA must not add its own causal mask
+        key_value_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(key_value_width, config.hidden_size)
+        self.value = nn.Linear(key_value_width, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        key_value_index: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the block output and this pass's (key, value) so a cache can keep them for later tokens."""
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self._split_heads(self.query(hidden_states))
+        key = self._split_heads(self.key(source))
+        value = self._split_heads(self.value(source))
+        if key_value_index is not None:
+            key, value = key.index_select(0, key_value_index), value.index_select(0, key_value_index)
+        new_key_value = (key, value)
+        if past_key_value is not None:
+            key = torch.cat([past_key_value[0], key], dim=2)
+            value = torch.cat([past_key_value[1], value], dim=2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)
+        output = self.LayerNorm(self.dropout(self.dense(attn_output)) + hidden_states)
+        return output, new_key_value
+
+
+class Blip2BridgeQFormerFeedForward(nn.Module):
+    """BERT's intermediate + output blocks; queries and text each have their own copy."""
+
+    def __init__(self, config: Blip2BridgeQFormerConfig):
+        super().__init__()
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.output(self.activation(self.intermediate(hidden_states)))
+        return self.LayerNorm(self.dropout(output) + hidden_states)
+
+
+class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Blip2BridgeQFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention = Blip2BridgeQFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = Blip2BridgeQFormerAttention(config, is_cross_attention=True)
+        self.query_feed_forward = Blip2BridgeQFormerFeedForward(config)
+        if config.use_text_input:
+            self.text_feed_forward = Blip2BridgeQFormerFeedForward(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        query_length: int = 0,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        # Tensors come positionally so that gradient checkpointing sees them; the layer only reads the cache and
+        # returns its new key/value, so a recomputation in backward cannot write it twice.
+        attention_output, new_key_value = self.attention(hidden_states, attention_mask, past_key_value=past_key_value)
+        if query_length == 0:
+            return self.text_feed_forward(attention_output), new_key_value
+
+        query_states = attention_output[:, :query_length]
+        if self.has_cross_attention:
+            if image_embeds is None:
+                raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
+            query_states, _ = self.crossattention(query_states, key_value_states=image_embeds, key_value_index=image_index)
+        layer_output = self.query_feed_forward(query_states)
+        if attention_output.shape[1] > query_length:
+            text_output = self.text_feed_forward(attention_output[:, query_length:])
+            layer_output = torch.cat([layer_output, text_output], dim=1)
+        return layer_output, new_key_value
+
+
+@dataclass
+class Blip2BridgeQFormerOutput(ModelOutput):
+    """
+    last_hidden_state: (batch, query_length + text_length, hidden_size) outputs, queries first.
+    past_key_values: self-attention keys/values of every position seen so far, when `use_cache`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+class Blip2BridgePreTrainedModel(PreTrainedModel):
+    config: Blip2BridgeConfig
+    base_model_prefix = "blip2_bridge"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_attention_backend = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_flash_attn = False  # masks are 4-D additive tensors, which flash-attention kernels do not take
+    _no_split_modules = ["Blip2BridgeQFormerLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # BERT's scheme: normal(initializer_range) weights, zero biases, unit norms
+        std = self.config.initializer_range
+        if hasattr(module, "query_tokens"):
+            nn.init.normal_(module.query_tokens, mean=0.0, std=std)
+        if hasattr(module, "temp"):
+            nn.init.constant_(module.temp, self.config.initial_temperature)
+
+
+class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
+    """BERT with learned-query support. Positions: text starts at 0 whatever precedes it; queries get none."""
+
+    config: Blip2BridgeQFormerConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: Blip2BridgeQFormerConfig):
+        super().__init__(config)
+        if config.use_text_input:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer = nn.ModuleList(
+            [Blip2BridgeQFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return getattr(self, "word_embeddings", None)
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        query_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """[queries; word + position embeddings of the text], then the embedding LayerNorm over both."""
+        parts = [] if query_embeds is None else [query_embeds]
+        if input_ids is not None:
+            if not self.config.use_text_input:
+                raise ValueError("this Q-Former was built with use_text_input=False and cannot read input_ids")
+            if position_ids is None:
+                if input_ids.shape[1] > self.config.max_position_embeddings:
+                    raise ValueError(
+                        f"text of {input_ids.shape[1]} tokens is longer than the Q-Former's position table "
+                        f"(max_position_embeddings={self.config.max_position_embeddings}); truncate it"
+                    )
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(position_ids))
+        return self.dropout(self.layernorm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        is_causal: bool = False,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> Blip2BridgeQFormerOutput:
+        r"""
+        input_ids: (batch, text_length) BERT token ids.
+        attention_mask: (batch, text_length) 1 for text tokens to attend to, covering every text token so far
+            (cached and current); query positions are always visible.
+        query_embeds: (batch, num_query_tokens, hidden_size) learned queries, placed before the text.
+        image_embeds: (num_images, image_length, encoder_hidden_size) features the queries cross-attend to.
+        image_index: (batch,) which image each row cross-attends to; default row i -> image i.
+        is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
+        past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
+            extended only when `use_cache`.
+        """
+        if input_ids is None and query_embeds is None:
+            raise ValueError("the Q-Former needs input_ids, query_embeds or both")
+        hidden_states = self.embed(input_ids, query_embeds, position_ids)
+        query_length = 0 if query_embeds is None else query_embeds.shape[1]
+        batch_size, num_rows = hidden_states.shape[:2]
+        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+        num_keys = past_length + num_rows
+
+        key_padding_mask = None
+        if attention_mask is not None:
+            text_length = attention_mask.shape[1]
+            if text_length > num_keys:
+                raise ValueError(f"attention_mask covers {text_length} text tokens but only {num_keys} positions exist")
+            key_padding_mask = torch.cat(
+                [attention_mask.new_ones(batch_size, num_keys - text_length), attention_mask], dim=1
+            )
+        mask = qformer_attention_mask(
+            key_padding_mask, num_rows, num_keys, query_length, is_causal, hidden_states.dtype
+        )
+        if past_key_values is None and use_cache:
+            past_key_values = DynamicCache()
+
+        for layer_idx, layer in enumerate(self.layer):
+            past_key_value = None
+            if past_length > 0:
+                past_key_value = (past_key_values.layers[layer_idx].keys, past_key_values.layers[layer_idx].values)
+            hidden_states, new_key_value = layer(
+                hidden_states,
+                mask,
+                image_embeds,
+                past_key_value,
+                query_length=query_length,
+                image_index=image_index,
+            )
+            if use_cache:
+                past_key_values.update(*new_key_value, layer_idx)
+
+        return Blip2BridgeQFormerOutput(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
