@@ -362,6 +362,9 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         qformer_config = self.config.qformer_config
         if input_ids is None:
             input_ids = torch.full((batch_size, 1), qformer_config.bos_token_id, device=image_embeds.device)
+        if attention_mask is None:
+            # generate() extends a mask it is given step by step; decoding positions are counted from it.
+            attention_mask = torch.ones_like(input_ids)
         self._check_text(input_ids, attention_mask, batch_size)
         return Blip2BridgeCaptionDecoder(self).generate(
             input_ids=input_ids,
@@ -428,16 +431,14 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, query_embeds=None, image_embeds=None, **kwargs
     ):
-        has_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if has_cache:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Text positions count real tokens from 0, so left-padded prompts line up with unpadded ones.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
             # The queries and earlier tokens are cached; only the newest token runs.
             input_ids, query_embeds, image_embeds = input_ids[:, -1:], None, None
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids) if not has_cache else None
-        position_ids = None
-        if attention_mask is not None:
-            # Text positions count real tokens from 0, so left-padded prompts line up with unpadded ones.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        position_ids = position_ids[:, -input_ids.shape[1] :]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

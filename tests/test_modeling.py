@@ -1,0 +1,357 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForPreTraining
+
+from modeling_blip2 import Blip2BridgeModel
+from modeling_blip2.losses import sample_hard_negatives
+from modeling_blip2.modeling_blip2_bridge import Blip2BridgeCaptionDecoder
+from tests.tiny_models import CLS_ID, DEC_ID, VOCAB_SIZE, tiny_batch, tiny_model
+
+
+def query_embeds_for(model, batch_size):
+    return model.query_tokens.expand(batch_size, -1, -1)
+
+
+def joint_causal_pass(model, image_embeds, decoder_input_ids, attention_mask=None):
+    """[queries; text] in one multimodal-causal pass, no cache: the ITG decoder's hidden states at text positions."""
+    queries = query_embeds_for(model, image_embeds.shape[0])
+    hidden = model.qformer(
+        input_ids=decoder_input_ids,
+        attention_mask=attention_mask,
+        query_embeds=queries,
+        image_embeds=image_embeds,
+        is_causal=True,
+    ).last_hidden_state
+    return hidden
+
+
+# ---- the three losses against hand computations --------------------------------------------------------------------
+
+
+def test_itc_loss_equals_hand_computed_label_smoothed_cross_entropy():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    image_feats, text_feats, temp = out.image_feats.tolist(), out.text_feats.tolist(), model.temp.item()
+    batch = len(image_feats)
+
+    def sim(i, t):
+        return max(sum(a * b for a, b in zip(query, text_feats[t])) for query in image_feats[i]) / temp
+
+    def smoothed_ce(row_logits, target):
+        log_z = math.log(sum(math.exp(x) for x in row_logits))
+        log_p = [x - log_z for x in row_logits]
+        return -sum((0.9 * (j == target) + 0.1 / batch) * lp for j, lp in enumerate(log_p))
+
+    loss_i2t = sum(smoothed_ce([sim(i, t) for t in range(batch)], i) for i in range(batch)) / batch
+    loss_t2i = sum(smoothed_ce([sim(i, t) for i in range(batch)], t) for t in range(batch)) / batch
+    assert out.loss_itc.item() == pytest.approx((loss_i2t + loss_t2i) / 2, abs=1e-5)
+    assert out.logits_per_image[1, 2].item() == pytest.approx(sim(1, 2), abs=1e-5)
+    assert out.logits_per_text[1, 2].item() == pytest.approx(sim(2, 1), abs=1e-5)
+
+
+def test_itc_with_image_ids_treats_all_captions_of_an_image_as_positives():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    image_ids = torch.tensor([7, 7, 3, 5])
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, image_ids=image_ids)
+    positives = (image_ids[:, None] == image_ids[None, :]).float()
+    targets = 0.9 * positives / positives.sum(1, keepdim=True) + 0.1 / 4
+    expected = (
+        -(F.log_softmax(out.logits_per_image, 1) * targets).sum(1).mean()
+        - (F.log_softmax(out.logits_per_text, 1) * targets).sum(1).mean()
+    ) / 2
+    assert out.loss_itc.item() == pytest.approx(expected.item(), abs=1e-6)
+    # Row 0 has two positives, so its targets differ from plain label smoothing: the loss must differ too.
+    plain = (F.cross_entropy(out.logits_per_image, torch.arange(4), label_smoothing=0.1)
+             + F.cross_entropy(out.logits_per_text, torch.arange(4), label_smoothing=0.1)) / 2
+    assert abs(plain.item() - out.loss_itc.item()) > 1e-4
+
+
+def test_itm_pairs_and_loss_with_deterministic_negatives():
+    # With two pairs, the only non-positive candidate of each row is drawn with probability 1.
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=2)
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    labels = [1, 1, 0, 0, 0, 0]
+    log_probs = F.log_softmax(out.itm_logits, dim=1)
+    expected = -sum(log_probs[row, label].item() for row, label in enumerate(labels)) / 6
+    assert out.loss_itm.item() == pytest.approx(expected, abs=1e-6)
+
+    image_embeds = out.image_embeds
+    swapped = torch.tensor([1, 0])
+    pair_logits = torch.cat(
+        [
+            model.get_itm_logits(input_ids, attention_mask, image_embeds=image_embeds),
+            model.get_itm_logits(input_ids, attention_mask, image_embeds=image_embeds[swapped]),
+            model.get_itm_logits(input_ids[swapped], attention_mask[swapped], image_embeds=image_embeds),
+        ]
+    )
+    torch.testing.assert_close(out.itm_logits, pair_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_itg_loss_equals_hand_computation_from_a_joint_causal_pass():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+
+    decoder_input_ids = input_ids.clone()
+    decoder_input_ids[:, 0] = DEC_ID
+    hidden = joint_causal_pass(model, out.image_embeds, decoder_input_ids, attention_mask)
+    log_probs = F.log_softmax(model.itg_head(hidden[:, model.config.num_query_tokens :]), dim=-1)
+    token_losses = []
+    for b in range(input_ids.shape[0]):
+        for t in range(input_ids.shape[1] - 1):
+            if attention_mask[b, t + 1]:
+                target = decoder_input_ids[b, t + 1]
+                nll = -log_probs[b, t, target].item()
+                uniform = -log_probs[b, t].mean().item()
+                token_losses.append(0.9 * nll + 0.1 * uniform)
+    assert out.loss_itg.item() == pytest.approx(sum(token_losses) / len(token_losses), abs=1e-5)
+    assert out.loss.item() == pytest.approx((out.loss_itc + out.loss_itm + out.loss_itg).item(), abs=1e-6)
+
+
+def test_itg_head_is_tied_to_the_qformer_word_embeddings():
+    model = tiny_model()
+    assert model.itg_head.decoder.weight.data_ptr() == model.qformer.word_embeddings.weight.data_ptr()
+
+
+# ---- attention masks and routing -----------------------------------------------------------------------------------
+
+
+def test_itg_mask_queries_never_see_text_and_text_is_causal():
+    model = tiny_model().eval()
+    pixel_values, input_ids, _ = tiny_batch(batch_size=2)
+    image_embeds = model.get_image_embeds(pixel_values)
+    changed = input_ids.clone()
+    changed[:, 5] = (changed[:, 5] + 7) % DEC_ID
+    with torch.no_grad():
+        before = joint_causal_pass(model, image_embeds, input_ids)
+        after = joint_causal_pass(model, image_embeds, changed)
+    num_queries = model.config.num_query_tokens
+    text_change = (after - before).abs().amax(dim=(0, 2))
+    assert text_change[: num_queries + 5].max() == 0  # queries and text before the changed token: untouched
+    assert text_change[num_queries + 5 :].min() > 1e-4  # the changed token and everything after it: changed
+
+
+def test_itm_mask_lets_queries_see_text():
+    model = tiny_model().eval()
+    pixel_values, input_ids, _ = tiny_batch(batch_size=2)
+    image_embeds = model.get_image_embeds(pixel_values)
+    changed = input_ids.clone()
+    changed[:, -1] = (changed[:, -1] + 7) % DEC_ID
+    queries = query_embeds_for(model, 2)
+    with torch.no_grad():
+        before = model.qformer(input_ids=input_ids, query_embeds=queries, image_embeds=image_embeds).last_hidden_state
+        after = model.qformer(input_ids=changed, query_embeds=queries, image_embeds=image_embeds).last_hidden_state
+    assert (after - before)[:, : model.config.num_query_tokens].abs().min() > 0
+
+
+def test_padded_text_tokens_are_invisible():
+    model = tiny_model().eval()
+    _, input_ids, attention_mask = tiny_batch()
+    changed = input_ids.clone()
+    changed[attention_mask == 0] = 42
+    with torch.no_grad():
+        before = model.get_text_features(input_ids, attention_mask)
+        after = model.get_text_features(changed, attention_mask)
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+def test_queries_use_the_query_ffn_and_text_the_text_ffn():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    with torch.no_grad():
+        image_feats = model.get_image_features(pixel_values)
+        text_feats = model.get_text_features(input_ids, attention_mask)
+        for layer in model.qformer.layer:
+            layer.text_feed_forward.output.weight.mul_(2.0)
+        assert torch.equal(model.get_image_features(pixel_values), image_feats)
+        assert not torch.allclose(model.get_text_features(input_ids, attention_mask), text_feats)
+        for layer in model.qformer.layer:
+            layer.query_feed_forward.output.weight.mul_(2.0)
+        assert not torch.allclose(model.get_image_features(pixel_values), image_feats)
+
+
+def test_cross_attention_only_every_cross_attention_frequency_layers():
+    model = tiny_model(qformer_config=dict(tiny_model().config.qformer_config.to_dict(), cross_attention_frequency=2))
+    assert [layer.has_cross_attention for layer in model.qformer.layer] == [True, False, True, False]
+    assert [hasattr(layer, "crossattention") for layer in model.qformer.layer] == [True, False, True, False]
+
+
+# ---- gradients -----------------------------------------------------------------------------------------------------
+
+
+def test_frozen_vision_encoder_gets_no_gradient_and_stays_in_eval_mode():
+    model = tiny_model().train()
+    assert model.training and not model.vision_model.training
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).loss.backward()
+    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert all(not p.requires_grad for p in model.vision_model.parameters())
+    for name in ["query_tokens", "temp", "vision_layernorm.weight", "vision_proj.weight", "text_proj.weight",
+                 "itm_head.weight", "itg_head.dense.weight", "qformer.layer.0.crossattention.key.weight",
+                 "qformer.layer.0.query_feed_forward.output.weight", "qformer.layer.3.text_feed_forward.output.weight"]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_itc_image_to_text_term_trains_only_the_image_side():
+    # The gathered copies carry no gradient, as the original's concat_all_gather.
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    loss_i2t = F.cross_entropy(out.logits_per_image, torch.arange(4), label_smoothing=0.1)
+    loss_i2t.backward()
+    assert model.text_proj.weight.grad is None or model.text_proj.weight.grad.abs().sum() == 0
+    assert model.vision_proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(3)
+        out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        out.loss.backward()
+        results.append((out.loss.detach(), model.query_tokens.grad.clone(), model.text_proj.weight.grad.clone()))
+    for plain, checkpointed in zip(*results):
+        torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
+
+
+def test_sdpa_and_eager_attention_agree():
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    losses = []
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model(attn_implementation=implementation).eval()
+        torch.manual_seed(5)
+        losses.append(model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask))
+    for key in ("loss_itc", "loss_itm", "loss_itg"):
+        assert losses[0][key].item() == pytest.approx(losses[1][key].item(), abs=1e-5)
+
+
+# ---- hard negative sampling ----------------------------------------------------------------------------------------
+
+
+def test_hard_negatives_never_draw_a_positive_and_follow_softmax_of_similarity():
+    torch.manual_seed(0)
+    similarity = torch.tensor([[5.0, 1.0, 0.0, 2.0]]).repeat(20000, 1)
+    positive_mask = torch.zeros_like(similarity, dtype=torch.bool)
+    positive_mask[:, 0] = True
+    drawn = sample_hard_negatives(similarity, positive_mask)
+    counts = torch.bincount(drawn, minlength=4).float() / drawn.numel()
+    expected = F.softmax(torch.tensor([1.0, 0.0, 2.0]), dim=0)
+    assert counts[0] == 0
+    torch.testing.assert_close(counts[1:], expected, atol=0.015, rtol=0)
+
+
+# ---- caption generation --------------------------------------------------------------------------------------------
+
+
+def test_cached_decoding_matches_a_full_pass():
+    model = tiny_model().eval()
+    pixel_values, input_ids, _ = tiny_batch(batch_size=2)
+    image_embeds = model.get_image_embeds(pixel_values)
+    decoder_input_ids = input_ids.clone()
+    decoder_input_ids[:, 0] = DEC_ID
+    decoder = Blip2BridgeCaptionDecoder(model)
+    with torch.no_grad():
+        full = model.itg_head(joint_causal_pass(model, image_embeds, decoder_input_ids)[:, model.config.num_query_tokens:])
+        first = decoder(decoder_input_ids[:, :3], query_embeds=query_embeds_for(model, 2), image_embeds=image_embeds)
+        steps = [first.logits]
+        cache = first.past_key_values
+        for t in range(3, decoder_input_ids.shape[1]):
+            step = decoder(decoder_input_ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            steps.append(step.logits)
+            cache = step.past_key_values
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_equals_an_argmax_loop_without_cache():
+    model = tiny_model().eval()
+    pixel_values, _, _ = tiny_batch(batch_size=2)
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_length=6)
+    image_embeds = model.get_image_embeds(pixel_values)
+    tokens = torch.full((2, 1), DEC_ID)
+    with torch.no_grad():
+        for _ in range(5):
+            hidden = joint_causal_pass(model, image_embeds, tokens)
+            next_token = model.itg_head(hidden[:, -1]).argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_beam_search_returns_sequences_starting_with_dec():
+    model = tiny_model().eval()
+    pixel_values, _, _ = tiny_batch(batch_size=3)
+    generated = model.generate(pixel_values=pixel_values, num_beams=3, max_length=7, min_length=7)
+    assert generated.shape == (3, 7)
+    assert (generated[:, 0] == DEC_ID).all()
+
+
+# ---- persistence ---------------------------------------------------------------------------------------------------
+
+
+def test_automodel_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for auto_class in (AutoModel, AutoModelForPreTraining):
+        loaded = auto_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        assert type(loaded) is Blip2BridgeModel
+        outputs = []
+        for candidate in (model, loaded):
+            torch.manual_seed(11)
+            outputs.append(candidate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask))
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "logits_per_image", "itm_logits"):
+            assert torch.equal(outputs[0][key], outputs[1][key]), key
+        assert loaded.itg_head.decoder.weight.data_ptr() == loaded.qformer.word_embeddings.weight.data_ptr()
+
+
+def test_image_embeds_input_equals_pixel_values_input():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    torch.manual_seed(0)
+    from_pixels = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    torch.manual_seed(0)
+    from_embeds = model(image_embeds=from_pixels.image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    for key in ("loss_itc", "loss_itm", "loss_itg"):
+        assert from_pixels[key].item() == from_embeds[key].item()
+
+
+def test_return_loss_false_stops_after_the_similarities():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=False)
+    assert out.loss is None and out.itm_logits is None
+    assert out.logits_per_image.shape == (4, 4)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_errors_that_name_the_value():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    with pytest.raises(ValueError, match=r"4 channels\); expected \(batch, 3, height, width\) \(RGB\)"):
+        model(pixel_values=torch.randn(2, 4, 28, 28), input_ids=input_ids[:2])
+    with pytest.raises(ValueError, match="input_ids has batch size 4 but there are 3 images"):
+        model(pixel_values=pixel_values[:3], input_ids=input_ids, attention_mask=attention_mask)
+    with pytest.raises(ValueError, match=r"input_ids has shape \(4, 0\)"):
+        model(pixel_values=pixel_values, input_ids=input_ids[:, :0])
+    too_long = torch.full((4, 17), 7)
+    with pytest.raises(ValueError, match="17 tokens is longer than the Q-Former's position table"):
+        model(pixel_values=pixel_values, input_ids=too_long)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_embeds"):
+        model(pixel_values=pixel_values, image_embeds=torch.randn(4, 5, 24), input_ids=input_ids)
+    with pytest.raises(ValueError, match=r"image_embeds has shape \(4, 5, 9\); expected \(batch, image_length, 24\)"):
+        model(image_embeds=torch.randn(4, 5, 9), input_ids=input_ids)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 3\)"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask[:, :3])
