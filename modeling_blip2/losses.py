@@ -26,10 +26,33 @@ def gather_across_processes(tensor: torch.Tensor, with_grad: bool = False) -> to
     if world_size == 1:
         return tensor if with_grad else tensor.detach()
     if with_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
-    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(gathered, tensor.detach().contiguous())
+        return _GatherWithGrad.apply(tensor)
+    return _all_gather(tensor.detach())
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for this process's slice.
+
+    torch.distributed.nn's all_gather is not used: on gloo its backward emulates reduce-scatter with all_to_all,
+    which returns wrong gradients when the incoming gradient is not contiguous (as an einsum's is).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return _all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output = grad_output.contiguous()
+        dist.all_reduce(grad_output)
+        local_size = grad_output.shape[0] // dist.get_world_size()
+        return grad_output.narrow(0, dist.get_rank() * local_size, local_size)
 
 
 def pad_to_length(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:

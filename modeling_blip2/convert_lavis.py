@@ -1,0 +1,513 @@
+"""Converts original LAVIS BLIP-2 stage-1 checkpoints (`blip2`, `blip2_feature_extractor`) to a `Blip2BridgeModel`.
+
+A LAVIS checkpoint is a `.pth` file `{"model": state_dict, ...}` whose state dict holds
+- `visual_encoder.*`: the frozen image encoder, EVA ViT-g (`lavis/models/eva_vit.py`) or CLIP ViT-L
+  (`lavis/models/clip_vit.py`). LAVIS's runner leaves frozen parameters out when it saves a checkpoint, so the
+  tower's own file (LAVIS's `eva_vit_g.pth` or `clip_vit_L.pth`) may have to provide them;
+- `ln_vision.*`, `Qformer.bert.*`, `Qformer.cls.*`, `query_tokens`, `vision_proj.*`, `text_proj.*`, `itm_head.*`,
+  `temp`.
+
+Files are read with `torch.load(..., weights_only=True)`: a checkpoint can hold tensors, never code.
+
+Both towers, as LAVIS builds them, stop one block short of the released encoder (EVA ViT-g keeps 39 of its 40 blocks,
+CLIP ViT-L 23 of its 24) and have no final LayerNorm: `ln_vision` plays that role. Blocks past the tower's depth are
+ignored, as LAVIS's non-strict `load_state_dict` ignores them. The converted model reads `vision_feature_layer=-1`,
+the last block's output before the vision model's `post_layernorm`; that norm has no counterpart, is never applied to
+the features, and is saved as ones/zeros.
+"""
+
+import json
+import logging
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedConfig
+
+from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
+from .modeling_blip2_bridge import Blip2BridgeModel
+from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
+
+
+logger = logging.getLogger(__name__)
+
+VISION_PREFIX = "visual_encoder."
+QFORMER_PREFIX = "Qformer."
+
+# What the shapes cannot tell about LAVIS's towers (heads, eps, activation, image size, depth).
+VISION_PRESETS = {
+    # lavis/models/eva_vit.py::create_eva_vit_g: depth 39, 1408 // 88 = 16 heads, int(1408 * 4.3637) = 6144 MLP
+    # units, LayerNorm eps 1e-6, exact GELU, q and v biases (k has none).
+    "eva_clip_g": {
+        "model_type": "blip_2_vision_model",
+        "hidden_size": 1408,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 39,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
+    },
+    # lavis/models/clip_vit.py::create_clip_vit_L: 23 residual blocks of width 1024, 16 heads, 4x MLP with QuickGELU,
+    # torch's LayerNorm eps 1e-5, `ln_pre` before the blocks, no `ln_post`.
+    "clip_L": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 224,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "quick_gelu",
+    },
+}
+
+# Prefixes of stage-2 (OPT / FlanT5) checkpoints, whose conversion belongs to the stage-2 model.
+STAGE2_PREFIXES = ("opt_proj.", "opt_model.", "t5_proj.", "t5_model.", "llm_proj.", "llm_model.")
+
+# LAVIS's Q-Former config is BERT's config.json plus these names.
+LAVIS_BERT_KEY_NAMES = {"cross_attention_freq": "cross_attention_frequency"}
+# Q-Former settings a config file cannot override: LAVIS resizes BERT's vocabulary to its tokenizer (so the checkpoint
+# tells the size), the cross-attention width is the vision width, and stage 1 always reads text.
+QFORMER_SETTINGS_FROM_CHECKPOINT = {"vocab_size", "encoder_hidden_size", "use_text_input"}
+
+
+# ---- how checkpoint tensors become ours -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Makes our tensors from checkpoint tensors; `source_shapes` says which checkpoint shapes our shapes require."""
+
+    source_shapes: Callable[[list[tuple[int, ...]]], list[tuple[int, ...]]]
+    apply: Callable[[list[torch.Tensor], list[tuple[int, ...]]], list[torch.Tensor]]
+
+
+COPY = Transform(source_shapes=lambda target_shapes: target_shapes, apply=lambda tensors, target_shapes: tensors)
+
+# One fused tensor split along dim 0 into several of ours: torch's MultiheadAttention `in_proj_*` (CLIP) holds the
+# query, key and value projections stacked.
+SPLIT_ROWS = Transform(
+    source_shapes=lambda target_shapes: [(sum(shape[0] for shape in target_shapes), *target_shapes[0][1:])],
+    apply=lambda tensors, target_shapes: list(torch.split(tensors[0], [shape[0] for shape in target_shapes])),
+)
+
+# EVA's attention has q and v biases and no k bias; it adds cat(q_bias, 0, v_bias) to its fused qkv projection.
+EVA_QKV_BIAS = Transform(
+    source_shapes=lambda target_shapes: [(target_shapes[0][0] // 3,)] * 2,
+    apply=lambda tensors, target_shapes: [torch.cat([tensors[0], torch.zeros_like(tensors[1]), tensors[1]])],
+)
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """Our tensors `targets` are made from the checkpoint tensors `sources` by `transform`."""
+
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    transform: Transform = COPY
+
+
+def copy_rule(target: str, source: str) -> WeightRule:
+    return WeightRule((target,), (source,))
+
+
+def with_prefixes(rule: WeightRule, target_prefix: str, source_prefix: str) -> WeightRule:
+    return WeightRule(
+        tuple(target_prefix + name for name in rule.targets),
+        tuple(source_prefix + name for name in rule.sources),
+        rule.transform,
+    )
+
+
+def copy_module_rules(target_module: str, source_module: str, parameters=("weight", "bias")) -> list[WeightRule]:
+    return [copy_rule(f"{target_module}.{name}", f"{source_module}.{name}") for name in parameters]
+
+
+# ---- the two vision towers ---------------------------------------------------------------------------------------
+
+
+def eva_vit_rules(config: PreTrainedConfig) -> list[WeightRule]:
+    """LAVIS's EVA ViT (timm/BEiT names) -> transformers' `Blip2VisionModel`; names relative to each tower."""
+    rules = [
+        copy_rule("embeddings.class_embedding", "cls_token"),
+        copy_rule("embeddings.position_embedding", "pos_embed"),
+        *copy_module_rules("embeddings.patch_embedding", "patch_embed.proj"),
+    ]
+    for layer_idx in range(config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{layer_idx}", f"blocks.{layer_idx}"
+        rules += copy_module_rules(f"{ours}.layer_norm1", f"{theirs}.norm1")
+        rules.append(copy_rule(f"{ours}.self_attn.qkv.weight", f"{theirs}.attn.qkv.weight"))
+        if config.qkv_bias:
+            rules.append(
+                WeightRule((f"{ours}.self_attn.qkv.bias",), (f"{theirs}.attn.q_bias", f"{theirs}.attn.v_bias"), EVA_QKV_BIAS)
+            )
+        rules += copy_module_rules(f"{ours}.self_attn.projection", f"{theirs}.attn.proj")
+        rules += copy_module_rules(f"{ours}.layer_norm2", f"{theirs}.norm2")
+        rules += copy_module_rules(f"{ours}.mlp.fc1", f"{theirs}.mlp.fc1")
+        rules += copy_module_rules(f"{ours}.mlp.fc2", f"{theirs}.mlp.fc2")
+    return rules
+
+
+def clip_vit_rules(config: PreTrainedConfig) -> list[WeightRule]:
+    """LAVIS's CLIP ViT (OpenAI names) -> transformers' `CLIPVisionModel`; names relative to each tower."""
+    rules = [
+        copy_rule("embeddings.class_embedding", "class_embedding"),
+        copy_rule("embeddings.position_embedding.weight", "positional_embedding"),
+        copy_rule("embeddings.patch_embedding.weight", "conv1.weight"),  # no bias on either side
+        *copy_module_rules("pre_layrnorm", "ln_pre"),  # sic: transformers' name
+    ]
+    for layer_idx in range(config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{layer_idx}", f"transformer.resblocks.{layer_idx}"
+        for parameter in ("weight", "bias"):
+            projections = tuple(f"{ours}.self_attn.{name}_proj.{parameter}" for name in ("q", "k", "v"))
+            rules.append(WeightRule(projections, (f"{theirs}.attn.in_proj_{parameter}",), SPLIT_ROWS))
+        rules += copy_module_rules(f"{ours}.self_attn.out_proj", f"{theirs}.attn.out_proj")
+        rules += copy_module_rules(f"{ours}.layer_norm1", f"{theirs}.ln_1")
+        rules += copy_module_rules(f"{ours}.layer_norm2", f"{theirs}.ln_2")
+        rules += copy_module_rules(f"{ours}.mlp.fc1", f"{theirs}.mlp.c_fc")
+        rules += copy_module_rules(f"{ours}.mlp.fc2", f"{theirs}.mlp.c_proj")
+    return rules
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """How one LAVIS vision tower names its weights, and the transformers model that reproduces it."""
+
+    name: str
+    default_preset: str
+    model_type: str
+    block_pattern: re.Pattern  # matches a block's weights, capturing the block index
+    rules: Callable[[PreTrainedConfig], list[WeightRule]]
+    # Parts of the released encoder file that LAVIS's tower does not build (final norms, heads, projections).
+    unbuilt_modules: tuple[str, ...]
+
+
+VISION_LAYOUTS = (
+    VisionLayout(
+        name="EVA ViT",
+        default_preset="eva_clip_g",
+        model_type="blip_2_vision_model",
+        block_pattern=re.compile(r"blocks\.(\d+)\."),
+        rules=eva_vit_rules,
+        unbuilt_modules=("norm.", "fc_norm.", "head."),
+    ),
+    VisionLayout(
+        name="CLIP ViT",
+        default_preset="clip_L",
+        model_type="clip_vision_model",
+        block_pattern=re.compile(r"transformer\.resblocks\.(\d+)\."),
+        rules=clip_vit_rules,
+        unbuilt_modules=("ln_post.", "proj"),
+    ),
+)
+
+
+def vision_layout_of(state_dict: Mapping[str, torch.Tensor]) -> VisionLayout:
+    """The layout of the checkpoint's `visual_encoder.*` weights."""
+    vision_keys = [key[len(VISION_PREFIX) :] for key in state_dict if key.startswith(VISION_PREFIX)]
+    if not vision_keys:
+        raise ValueError(
+            "the checkpoint has no visual_encoder.* weights: LAVIS's runner leaves the frozen image encoder out when it "
+            "saves. Pass the tower's own weights (LAVIS's eva_vit_g.pth or clip_vit_L.pth) as vision_checkpoint "
+            "(--vision-checkpoint on the command line)"
+        )
+    for layout in VISION_LAYOUTS:
+        if any(layout.block_pattern.match(key) for key in vision_keys):
+            return layout
+    raise ValueError(
+        f"visual_encoder.* has neither of the layouts LAVIS uses ({', '.join(layout.name for layout in VISION_LAYOUTS)}); "
+        f"its first keys are {sorted(vision_keys)[:5]}"
+    )
+
+
+# ---- reading checkpoints ----------------------------------------------------------------------------------------
+
+
+def load_lavis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a LAVIS `.pth` file (`{"model": state_dict, ...}` or a bare state dict), tensors only."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors and plain containers. It is read with "
+            f"torch.load(weights_only=True), which never runs code from the file, and that refused it: {error}"
+        ) from error
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}; expected a state dict or {{'model': state_dict}}")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}; expected a tensor")
+    return state_dict
+
+
+def with_vision_weights(
+    state_dict: Mapping[str, torch.Tensor], vision_state_dict: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint with a separate vision tower file (e.g. LAVIS's `eva_vit_g.pth`) added under `visual_encoder.`."""
+    state_dict = dict(state_dict)
+    if vision_state_dict is None:
+        return state_dict
+    if any(key.startswith(VISION_PREFIX) for key in state_dict):
+        raise ValueError("the checkpoint already holds visual_encoder.* weights; a separate vision checkpoint would clash")
+    for key, value in vision_state_dict.items():
+        state_dict[key if key.startswith(VISION_PREFIX) else VISION_PREFIX + key] = value
+    return state_dict
+
+
+def refuse_stage2_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> None:
+    stage2_keys = sorted(key for key in state_dict if key.startswith(STAGE2_PREFIXES))
+    if stage2_keys:
+        raise ValueError(
+            f"this is a stage-2 (LLM) checkpoint (it holds {stage2_keys[0]!r} and {len(stage2_keys) - 1} more LLM "
+            "tensors); only stage-1 checkpoints (LAVIS's blip2 / blip2_feature_extractor) convert for now"
+        )
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+def vision_config_for(vision, layout: VisionLayout) -> PreTrainedConfig:
+    """A transformers vision config from a preset name, a JSON file, a dict or a config, checked against the layout."""
+    if vision is None:
+        vision = layout.default_preset
+    if isinstance(vision, PreTrainedConfig):
+        config = vision
+    else:
+        if isinstance(vision, Mapping):
+            config_dict = dict(vision)
+        elif vision in VISION_PRESETS:
+            config_dict = VISION_PRESETS[vision]
+        elif Path(vision).is_file():
+            config_dict = read_json(vision)
+        else:
+            raise ValueError(f"vision={vision!r} is neither a preset ({', '.join(VISION_PRESETS)}) nor a JSON file")
+        # A composite model's config.json (e.g. transformers' BLIP-2 or CLIP) holds the vision part under vision_config.
+        config_dict = dict(config_dict.get("vision_config", config_dict))
+        if "model_type" not in config_dict:
+            raise ValueError(f"the vision config {config_dict} has no model_type; expected {layout.model_type!r}")
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    if config.model_type != layout.model_type:
+        raise ValueError(
+            f"the checkpoint's visual_encoder is an {layout.name}, which converts to a {layout.model_type!r} config; "
+            f"the vision config given is a {config.model_type!r}"
+        )
+    return config
+
+
+def qformer_config_kwargs(qformer_config) -> dict:
+    """Q-Former settings from a BERT-style dict / JSON file / config (LAVIS's names accepted); other keys are dropped."""
+    if qformer_config is None:
+        return {}
+    if isinstance(qformer_config, PreTrainedConfig):
+        qformer_config = qformer_config.to_dict()
+    elif not isinstance(qformer_config, Mapping):
+        qformer_config = read_json(qformer_config)
+    settings = set(Blip2BridgeQFormerConfig.__annotations__) - QFORMER_SETTINGS_FROM_CHECKPOINT
+    kwargs = {}
+    for key, value in qformer_config.items():
+        key = LAVIS_BERT_KEY_NAMES.get(key, key)
+        if key == "position_embedding_type" and value != "absolute":
+            raise ValueError(f"position_embedding_type={value!r}; the Q-Former has absolute position embeddings only")
+        if key in settings:
+            kwargs[key] = value
+    return kwargs
+
+
+def lavis_config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], vision=None, qformer_config=None
+) -> Blip2BridgeConfig:
+    """The configuration of a LAVIS stage-1 checkpoint.
+
+    vision: a preset (`"eva_clip_g"`, `"clip_L"`), a JSON file or dict of a transformers vision config, or a config;
+        default: the preset of the checkpoint's tower layout.
+    qformer_config: BERT-style settings (dict, JSON file or config) over BERT-base's; default BERT-base.
+    The checkpoint itself tells the number of queries, the ITC width and the vocabulary size; the [DEC] token is the
+    last vocabulary row unless `qformer_config` names a `bos_token_id`.
+    """
+    refuse_stage2_checkpoint(state_dict)
+    word_embeddings_key = "Qformer.bert.embeddings.word_embeddings.weight"
+    for key, rank in (("query_tokens", 3), ("vision_proj.weight", 2), (word_embeddings_key, 2)):
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no {key!r}; expected a LAVIS BLIP-2 stage-1 checkpoint")
+        if state_dict[key].dim() != rank:
+            raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}; expected {rank} dimensions")
+    vision_config = vision_config_for(vision, vision_layout_of(state_dict))
+    vocab_size = state_dict[word_embeddings_key].shape[0]
+    qformer_kwargs = {"bos_token_id": vocab_size - 1, **qformer_config_kwargs(qformer_config), "vocab_size": vocab_size}
+    return Blip2BridgeConfig(
+        vision_config=vision_config,
+        qformer_config=Blip2BridgeQFormerConfig(**qformer_kwargs),
+        num_query_tokens=state_dict["query_tokens"].shape[1],
+        embed_dim=state_dict["vision_proj.weight"].shape[0],
+        vision_feature_layer=-1,
+    )
+
+
+# ---- conversion -------------------------------------------------------------------------------------------------
+
+
+def expected_shapes(config: Blip2BridgeConfig) -> dict[str, tuple[int, ...]]:
+    """Our state dict's names and shapes, from a model on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        model = Blip2BridgeModel(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def lavis_weight_rules(
+    config: Blip2BridgeConfig, our_names, state_dict: Mapping[str, torch.Tensor], layout: VisionLayout
+) -> list[WeightRule]:
+    qformer_config = config.qformer_config
+    qformer_sources = parameter_sources(
+        qformer_module_sources(
+            qformer_config.num_hidden_layers, qformer_config.cross_attention_frequency, from_lavis_qformer=True
+        ),
+        our_names,
+        target_prefix="qformer.",
+        source_prefix="Qformer.bert.",
+    )
+    qformer_sources.update(parameter_sources(ITG_HEAD_MODULE_SOURCES, our_names, source_prefix=QFORMER_PREFIX))
+    # LAVIS ties cls.predictions.decoder.bias to cls.predictions.bias and saves both; older saves may hold only one.
+    decoder_bias = "Qformer.cls.predictions.bias"
+    if decoder_bias not in state_dict and "Qformer.cls.predictions.decoder.bias" in state_dict:
+        decoder_bias = "Qformer.cls.predictions.decoder.bias"
+    return [
+        *(with_prefixes(rule, "vision_model.", VISION_PREFIX) for rule in layout.rules(config.vision_config)),
+        *copy_module_rules("vision_layernorm", "ln_vision"),
+        *(copy_rule(target, source) for target, source in qformer_sources.items()),
+        # The ITG decoder weight is tied to the word embeddings, in LAVIS as in ours.
+        copy_rule("itg_head.decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight"),
+        copy_rule("itg_head.decoder.bias", decoder_bias),
+        copy_rule("query_tokens", "query_tokens"),
+        *copy_module_rules("vision_proj", "vision_proj"),
+        *copy_module_rules("text_proj", "text_proj"),
+        *copy_module_rules("itm_head", "itm_head"),
+        copy_rule("temp", "temp"),
+    ]
+
+
+def reason_to_ignore(key: str, config: Blip2BridgeConfig, layout: VisionLayout) -> str | None:
+    """Why a checkpoint tensor that no rule reads may be left out, or None when it should not be in the checkpoint."""
+    if key == "Qformer.bert.embeddings.position_ids":
+        return "a buffer of position indices"
+    if key in ("Qformer.cls.predictions.decoder.weight", "Qformer.cls.predictions.decoder.bias"):
+        return "tied to the word embeddings / the prediction bias"
+    if key.startswith(VISION_PREFIX):
+        name = key[len(VISION_PREFIX) :]
+        block = layout.block_pattern.match(name)
+        if block and int(block.group(1)) >= config.vision_config.num_hidden_layers:
+            return f"LAVIS builds the {layout.name} with {config.vision_config.num_hidden_layers} blocks"
+        if name.startswith(layout.unbuilt_modules):
+            return f"LAVIS's {layout.name} has no such module"
+    return None
+
+
+def check_tied_copies(state_dict: Mapping[str, torch.Tensor]) -> None:
+    for copy, original in (
+        ("Qformer.cls.predictions.decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight"),
+        ("Qformer.cls.predictions.decoder.bias", "Qformer.cls.predictions.bias"),
+    ):
+        if copy in state_dict and original in state_dict and not torch.equal(state_dict[copy], state_dict[original]):
+            logger.warning(f"{copy} differs from {original}; LAVIS ties them, and the converted model uses {original}")
+
+
+def convert_lavis_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Blip2BridgeConfig
+) -> dict[str, torch.Tensor]:
+    """A LAVIS stage-1 state dict (with `visual_encoder.*`) as our `Blip2BridgeModel(config)` state dict.
+
+    Every tensor of ours is filled; every checkpoint tensor is used or deliberately ignored (position-id buffer, tied
+    copies, vision blocks and heads that LAVIS's tower does not build). Anything else, a missing tensor, or a shape that
+    does not fit `config` raises a ValueError naming the checkpoint key.
+    """
+    refuse_stage2_checkpoint(state_dict)
+    layout = vision_layout_of(state_dict)
+    shapes = expected_shapes(config)
+    rules = lavis_weight_rules(config, shapes, state_dict, layout)
+
+    missing = [source for rule in rules for source in rule.sources if source not in state_dict]
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} tensors the configuration needs, e.g. {missing[:3]}; check the vision "
+            "preset/config (depth) and the Q-Former config (layers, cross_attention_frequency)"
+        )
+
+    converted, used = {}, set()
+    for rule in rules:
+        tensors = [state_dict[source] for source in rule.sources]
+        target_shapes = [shapes[target] for target in rule.targets]
+        for source, tensor, shape in zip(rule.sources, tensors, rule.transform.source_shapes(target_shapes)):
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(
+                    f"{source} has shape {tuple(tensor.shape)} in the checkpoint; the configuration expects "
+                    f"{tuple(shape)} (for {', '.join(rule.targets)})"
+                )
+        converted.update(zip(rule.targets, rule.transform.apply(tensors, target_shapes)))
+        used.update(rule.sources)
+
+    # Deliberately without counterpart: LAVIS's towers have no final LayerNorm and our features are read before it.
+    for name in ("vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"):
+        if name in shapes:
+            converted[name] = (torch.ones if name.endswith("weight") else torch.zeros)(shapes[name])
+
+    unused = sorted(set(state_dict) - used)
+    unexpected = [key for key in unused if reason_to_ignore(key, config, layout) is None]
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint holds {len(unexpected)} tensors with no place in the model, e.g. {unexpected[:3]}; check "
+            "the vision preset/config (depth) and the Q-Former config (layers, cross_attention_frequency)"
+        )
+    for key in unused:
+        logger.info(f"ignoring {key}: {reason_to_ignore(key, config, layout)}")
+    check_tied_copies(state_dict)
+
+    unfilled = sorted(set(shapes) - set(converted))
+    if unfilled:  # a gap in the tables above, not in the checkpoint
+        raise RuntimeError(f"the LAVIS conversion leaves {unfilled[:3]} unfilled")
+    return {name: converted[name].contiguous() for name in shapes}
+
+
+def convert_lavis_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    vision=None,
+    qformer_config=None,
+    vision_checkpoint: str | os.PathLike | None = None,
+) -> Blip2BridgeModel:
+    """Converts a LAVIS stage-1 `.pth` checkpoint and saves it to `output_dir` (safetensors); returns the model.
+
+    vision: `"eva_clip_g"`, `"clip_L"` or a JSON file of a transformers vision config; default: the checkpoint's
+        tower layout's preset. qformer_config: a BERT-style JSON file or dict; default BERT-base.
+    vision_checkpoint: the vision tower's own weights (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`), for checkpoints
+        saved without their frozen image encoder.
+    """
+    vision_weights = None if vision_checkpoint is None else load_lavis_state_dict(vision_checkpoint)
+    state_dict = with_vision_weights(load_lavis_state_dict(checkpoint_path), vision_weights)
+    config = lavis_config_from_state_dict(state_dict, vision=vision, qformer_config=qformer_config)
+    weights = convert_lavis_state_dict(state_dict, config)
+    model = Blip2BridgeModel(config)
+    model.load_state_dict(weights, strict=True)
+    model.save_pretrained(output_dir)
+    return model
+
+
+__all__ = [
+    "VISION_PRESETS",
+    "convert_lavis_checkpoint",
+    "convert_lavis_state_dict",
+    "lavis_config_from_state_dict",
+    "load_lavis_state_dict",
+]
