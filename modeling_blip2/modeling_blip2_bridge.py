@@ -121,10 +121,12 @@ class Blip2BridgeVisionMixin:
             )
         return image_embeds
 
-    def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False):
+    def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False, image_key_values=None):
         """Runs the learned queries over the image; returns the Q-Former output (with the queries' cache if asked)."""
         query_embeds = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(query_embeds=query_embeds, image_embeds=image_embeds, use_cache=use_cache)
+        return self.qformer(
+            query_embeds=query_embeds, image_embeds=image_embeds, image_key_values=image_key_values, use_cache=use_cache
+        )
 
 
 class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
@@ -195,7 +197,9 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         self._check_text(input_ids, attention_mask, image_index.shape[0] if image_index is not None else image_embeds.shape[0])
         return self._itm_logits(image_embeds, input_ids, attention_mask, image_index)
 
-    def _itm_logits(self, image_embeds, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+    def _itm_logits(
+        self, image_embeds, input_ids, attention_mask, image_index=None, image_key_values=None
+    ) -> torch.Tensor:
         query_embeds = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         output = self.qformer(
             input_ids=input_ids,
@@ -203,6 +207,7 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             query_embeds=query_embeds,
             image_embeds=image_embeds,
             image_index=image_index,
+            image_key_values=image_key_values,
         ).last_hidden_state
         # The original averages the 2-way head over the query positions only.
         return self.itm_head(output[:, : query_embeds.shape[1]]).mean(dim=1)
@@ -258,8 +263,10 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}; expected ({batch_size},)")
         return_loss = True if return_loss is None else return_loss
 
-        # The queries' pass keeps its self-attention keys/values: the ITG text pass below attends to them.
-        query_pass = self.get_query_output(image_embeds, use_cache=return_loss)
+        # The images' cross-attention keys/values serve both the query pass and ITM. The query pass keeps its
+        # self-attention keys/values: the ITG text pass below attends to them.
+        image_key_values = self.qformer.project_image(image_embeds)
+        query_pass = self.get_query_output(image_embeds, use_cache=return_loss, image_key_values=image_key_values)
         query_output = query_pass.last_hidden_state
         image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
         text_feats = self.get_text_features(input_ids, attention_mask)
@@ -303,13 +310,18 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         )
         positives = torch.arange(batch_size, device=image_embeds.device)
         if world_size == 1:
-            itm_images, negatives = image_embeds, negative_image_index
+            itm_key_values, negatives = image_key_values, negative_image_index
         else:
+            # Negative images may live on other processes: project them here, after this process's own.
             image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
-            itm_images = torch.cat([image_embeds, image_embeds_all[negative_image_index]])
+            negative_key_values = self.qformer.project_image(image_embeds_all[negative_image_index])
+            itm_key_values = [
+                None if own is None else tuple(torch.cat(pair) for pair in zip(own, negative))
+                for own, negative in zip(image_key_values, negative_key_values)
+            ]
             negatives = positives + batch_size
         itm_logits = self._itm_logits(
-            itm_images, itm_input_ids, itm_attention_mask, torch.cat([positives, negatives, positives])
+            None, itm_input_ids, itm_attention_mask, torch.cat([positives, negatives, positives]), itm_key_values
         )
         loss_itm = image_text_matching_loss(itm_logits, num_positives=batch_size)
 

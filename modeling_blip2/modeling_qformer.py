@@ -63,8 +63,8 @@ def qformer_attention_mask(
 class Blip2BridgeQFormerAttention(nn.Module):
     """Multi-head attention + BERT's output block (dense, dropout, residual LayerNorm).
 
-    As cross-attention, keys and values come from the image features; `image_index` lets several rows share one
-    image's features (ITM pairs each image with three texts), so its key/value projections are computed once.
+    As cross-attention, keys and values are the image features' projections, computed once per image by
+    `project_key_value`; `image_index` lets several rows share one image (ITM pairs each image with three texts).
     """
 
     def __init__(self, config: Blip2BridgeQFormerConfig, is_cross_attention: bool = False):
@@ -85,21 +85,28 @@ class Blip2BridgeQFormerAttention(nn.Module):
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split_heads(self.key(states)), self._split_heads(self.value(states))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        key_value_states: torch.Tensor | None = None,
-        key_value_index: torch.Tensor | None = None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_index: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the block output and this pass's (key, value) so a cache can keep them for later tokens."""
-        source = hidden_states if key_value_states is None else key_value_states
+        """Self-attention (with optional cached keys/values) or, given `image_key_value`, cross-attention.
+
+        Returns the block output and this pass's (key, value) so that a cache can keep them for later tokens.
+        """
         query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(source))
-        value = self._split_heads(self.value(source))
-        if key_value_index is not None:
-            key, value = key.index_select(0, key_value_index), value.index_select(0, key_value_index)
+        if image_key_value is None:
+            key, value = self.project_key_value(hidden_states)
+        else:
+            key, value = image_key_value
+            if image_index is not None:
+                key, value = key.index_select(0, image_index), value.index_select(0, image_index)
         new_key_value = (key, value)
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
@@ -133,7 +140,16 @@ class Blip2BridgeQFormerFeedForward(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """token_index: flat indices of the (batch * length) positions worth computing; the others (padding, which
+        no later position attends to and no loss reads) are left at zero."""
+        if token_index is None:
+            return self._block(hidden_states)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        computed = self._block(flat.index_select(0, token_index))
+        return flat.new_zeros(flat.shape).index_copy(0, token_index, computed).view_as(hidden_states)
+
+    def _block(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = self.output(self.activation(self.intermediate(hidden_states)))
         return self.LayerNorm(self.dropout(output) + hidden_states)
 
@@ -153,25 +169,26 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor | None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         query_length: int = 0,
         image_index: torch.Tensor | None = None,
+        text_token_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # Tensors come positionally so that gradient checkpointing sees them; the layer only reads the cache and
         # returns its new key/value, so a recomputation in backward cannot write it twice.
         attention_output, new_key_value = self.attention(hidden_states, attention_mask, past_key_value=past_key_value)
         if query_length == 0:
-            return self.text_feed_forward(attention_output), new_key_value
+            return self.text_feed_forward(attention_output, text_token_index), new_key_value
 
         query_states = attention_output[:, :query_length]
         if self.has_cross_attention:
-            if image_embeds is None:
+            if image_key_value is None:
                 raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
-            query_states, _ = self.crossattention(query_states, key_value_states=image_embeds, key_value_index=image_index)
+            query_states, _ = self.crossattention(query_states, image_key_value=image_key_value, image_index=image_index)
         layer_output = self.query_feed_forward(query_states)
         if attention_output.shape[1] > query_length:
-            text_output = self.text_feed_forward(attention_output[:, query_length:])
+            text_output = self.text_feed_forward(attention_output[:, query_length:], text_token_index)
             layer_output = torch.cat([layer_output, text_output], dim=1)
         return layer_output, new_key_value
 
@@ -228,6 +245,16 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         )
         self.post_init()
 
+    def project_image(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each cross-attention layer's keys/values of the images (None for layers without cross-attention).
+
+        Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
+        """
+        return [
+            layer.crossattention.project_key_value(image_embeds) if layer.has_cross_attention else None
+            for layer in self.layer
+        ]
+
     def get_input_embeddings(self):
         return getattr(self, "word_embeddings", None)
 
@@ -262,6 +289,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         query_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_index: torch.LongTensor | None = None,
+        image_key_values: list | None = None,
         is_causal: bool = False,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
@@ -275,6 +303,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         query_embeds: (batch, num_query_tokens, hidden_size) learned queries, placed before the text.
         image_embeds: (num_images, image_length, encoder_hidden_size) features the queries cross-attend to.
         image_index: (batch,) which image each row cross-attends to; default row i -> image i.
+        image_key_values: `project_image(image_embeds)`, when the caller already has it (instead of image_embeds).
         is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
         past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
@@ -300,6 +329,12 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         )
         if past_key_values is None and use_cache:
             past_key_values = DynamicCache()
+        if image_key_values is None and image_embeds is not None and query_length > 0:
+            image_key_values = self.project_image(image_embeds)
+        text_token_index = None
+        if attention_mask is not None and input_ids is not None:
+            # The text feed-forward blocks skip padding: the bulk of a padded caption batch's compute.
+            text_token_index = attention_mask[:, -input_ids.shape[1] :].reshape(-1).nonzero().squeeze(1)
 
         for layer_idx, layer in enumerate(self.layer):
             past_key_value = None
@@ -308,10 +343,11 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             hidden_states, new_key_value = layer(
                 hidden_states,
                 mask,
-                image_embeds,
+                None if image_key_values is None else image_key_values[layer_idx],
                 past_key_value,
                 query_length=query_length,
                 image_index=image_index,
+                text_token_index=text_token_index,
             )
             if use_cache:
                 past_key_values.update(*new_key_value, layer_idx)
