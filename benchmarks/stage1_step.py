@@ -5,7 +5,10 @@ attention and per-sample negative sampling. Shapes come from ../shared/bench/sta
 directly; the frozen vision pass is excluded). Each implementation runs in its own process, alternating, so that peak
 memory is measured alone and both see the same machine conditions.
 
-    python benchmarks/stage1_step.py [--steps 8] [--rounds 2] [--shapes ../shared/bench/stage1_small.json]
+    python benchmarks/stage1_step.py [--steps 8] [--rounds 2] [--text captions|full] [--shapes FILE.json]
+
+--text captions (default) pads captions of varied length (a third of text_length to all of it) to text_length, as a
+caption batch is; --text full fills every position with a real token, the worst case for skipping padding.
 """
 
 import argparse
@@ -21,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = REPO.parent / "shared" / "bench" / "stage1_small.json"
 
 
-def make_inputs(shapes: dict):
+def make_inputs(shapes: dict, text: str):
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -29,19 +32,20 @@ def make_inputs(shapes: dict):
     image_embeds = torch.randn(batch, shapes["num_image_tokens"], shapes["vision_width"], generator=generator)
     input_ids = torch.randint(1000, shapes["qformer"]["vocab_size"] - 1, (batch, text_length), generator=generator)
     input_ids[:, 0] = 101  # [CLS]
-    # Captions of varied length padded to text_length, as a caption batch is.
     lengths = torch.randint(text_length // 3, text_length + 1, (batch,), generator=generator)
+    if text == "full":
+        lengths.fill_(text_length)
     attention_mask = (torch.arange(text_length)[None] < lengths[:, None]).long()
     return image_embeds, input_ids.masked_fill(attention_mask == 0, 0), attention_mask
 
 
-def build_step(implementation: str, shapes: dict):
+def build_step(implementation: str, shapes: dict, text: str):
     """Returns a function running one forward + backward."""
     import torch
 
     qformer = shapes["qformer"]
     dec_id = qformer["vocab_size"] - 1
-    image_embeds, input_ids, attention_mask = make_inputs(shapes)
+    image_embeds, input_ids, attention_mask = make_inputs(shapes, text)
     if implementation == "original":
         sys.path.insert(0, str(REPO))
         from tests.lavis_reference import LavisBlip2Qformer, lavis_state_dict_random
@@ -75,12 +79,12 @@ def build_step(implementation: str, shapes: dict):
     return step
 
 
-def run_one(implementation: str, shapes: dict, steps: int) -> dict:
+def run_one(implementation: str, shapes: dict, steps: int, text: str) -> dict:
     import torch
 
     torch.set_num_threads(shapes.get("threads", 2))
     torch.manual_seed(0)
-    step = build_step(implementation, shapes)
+    step = build_step(implementation, shapes, text)
     step()  # warm-up: allocator, kernels, first-touch memory
     seconds = []
     for _ in range(steps):
@@ -98,25 +102,26 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each implementation")
     parser.add_argument("--implementations", default="original,ours:sdpa,ours:eager")
+    parser.add_argument("--text", choices=["captions", "full"], default="captions")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = json.loads(Path(args.shapes).read_text())
 
     if args.worker:
-        print(json.dumps(run_one(args.worker, shapes, args.steps)))
+        print(json.dumps(run_one(args.worker, shapes, args.steps, args.text)))
         return
 
     results: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
         for implementation in args.implementations.split(","):
             command = [sys.executable, __file__, "--worker", implementation, "--shapes", args.shapes,
-                       "--steps", str(args.steps)]
+                       "--steps", str(args.steps), "--text", args.text]
             output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
             results.setdefault(implementation, []).append(json.loads(output.strip().splitlines()[-1]))
 
     print(f"stage-1 step, batch {shapes['batch_size']}, {shapes['num_image_tokens']} image tokens, text "
           f"{shapes['text_length']}, Q-Former {shapes['qformer']['num_hidden_layers']}x{shapes['qformer']['hidden_size']},"
-          f" {shapes.get('threads', 2)} threads, {args.steps} steps x {args.rounds} rounds")
+          f" {shapes.get('threads', 2)} threads, text={args.text}, {args.steps} steps x {args.rounds} rounds")
     print(f"{'implementation':<16}{'median s/step':>15}{'best s/step':>13}{'peak RSS GB':>13}")
     summary = {}
     for implementation, runs in results.items():

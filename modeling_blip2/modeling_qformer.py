@@ -335,6 +335,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         if attention_mask is not None and input_ids is not None:
             # The text feed-forward blocks skip padding: the bulk of a padded caption batch's compute.
             text_token_index = attention_mask[:, -input_ids.shape[1] :].reshape(-1).nonzero().squeeze(1)
+            if text_token_index.numel() == input_ids.numel():
+                text_token_index = None  # no padding: gathering would only cost
 
         for layer_idx, layer in enumerate(self.layer):
             past_key_value = None
