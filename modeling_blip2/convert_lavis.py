@@ -127,8 +127,9 @@ def with_prefixes(rule: WeightRule, target_prefix: str, source_prefix: str) -> W
     )
 
 
-def copy_module_rules(target_module: str, source_module: str, parameters=("weight", "bias")) -> list[WeightRule]:
-    return [copy_rule(f"{target_module}.{name}", f"{source_module}.{name}") for name in parameters]
+def copy_module_rules(target_module: str, source_module: str) -> list[WeightRule]:
+    """A linear or LayerNorm module's weight and bias."""
+    return [copy_rule(f"{target_module}.{name}", f"{source_module}.{name}") for name in ("weight", "bias")]
 
 
 # ---- the two vision towers ---------------------------------------------------------------------------------------
@@ -146,9 +147,8 @@ def eva_vit_rules(config: PreTrainedConfig) -> list[WeightRule]:
         rules += copy_module_rules(f"{ours}.layer_norm1", f"{theirs}.norm1")
         rules.append(copy_rule(f"{ours}.self_attn.qkv.weight", f"{theirs}.attn.qkv.weight"))
         if config.qkv_bias:
-            rules.append(
-                WeightRule((f"{ours}.self_attn.qkv.bias",), (f"{theirs}.attn.q_bias", f"{theirs}.attn.v_bias"), EVA_QKV_BIAS)
-            )
+            biases = (f"{theirs}.attn.q_bias", f"{theirs}.attn.v_bias")
+            rules.append(WeightRule((f"{ours}.self_attn.qkv.bias",), biases, EVA_QKV_BIAS))
         rules += copy_module_rules(f"{ours}.self_attn.projection", f"{theirs}.attn.proj")
         rules += copy_module_rules(f"{ours}.layer_norm2", f"{theirs}.norm2")
         rules += copy_module_rules(f"{ours}.mlp.fc1", f"{theirs}.mlp.fc1")
@@ -215,16 +215,17 @@ def vision_layout_of(state_dict: Mapping[str, torch.Tensor]) -> VisionLayout:
     vision_keys = [key[len(VISION_PREFIX) :] for key in state_dict if key.startswith(VISION_PREFIX)]
     if not vision_keys:
         raise ValueError(
-            "the checkpoint has no visual_encoder.* weights: LAVIS's runner leaves the frozen image encoder out when it "
-            "saves. Pass the tower's own weights (LAVIS's eva_vit_g.pth or clip_vit_L.pth) as vision_checkpoint "
+            "the checkpoint has no visual_encoder.* weights: LAVIS's runner leaves the frozen image encoder out when "
+            "it saves. Pass the tower's own weights (LAVIS's eva_vit_g.pth or clip_vit_L.pth) as vision_checkpoint "
             "(--vision-checkpoint on the command line)"
         )
     for layout in VISION_LAYOUTS:
         if any(layout.block_pattern.match(key) for key in vision_keys):
             return layout
+    layout_names = ", ".join(layout.name for layout in VISION_LAYOUTS)
     raise ValueError(
-        f"visual_encoder.* has neither of the layouts LAVIS uses ({', '.join(layout.name for layout in VISION_LAYOUTS)}); "
-        f"its first keys are {sorted(vision_keys)[:5]}"
+        f"visual_encoder.* has neither of the layouts LAVIS uses ({layout_names}); its first keys are "
+        f"{sorted(vision_keys)[:5]}"
     )
 
 
@@ -242,7 +243,9 @@ def load_lavis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}; expected a state dict or {{'model': state_dict}}")
+        raise ValueError(
+            f"{path} holds a {type(state_dict).__name__}; expected a state dict or {{'model': state_dict}}"
+        )
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}; expected a tensor")
@@ -257,7 +260,9 @@ def with_vision_weights(
     if vision_state_dict is None:
         return state_dict
     if any(key.startswith(VISION_PREFIX) for key in state_dict):
-        raise ValueError("the checkpoint already holds visual_encoder.* weights; a separate vision checkpoint would clash")
+        raise ValueError(
+            "the checkpoint already holds visual_encoder.* weights; a separate vision checkpoint would clash"
+        )
     for key, value in vision_state_dict.items():
         state_dict[key if key.startswith(VISION_PREFIX) else VISION_PREFIX + key] = value
     return state_dict
@@ -309,7 +314,7 @@ def vision_config_for(vision, layout: VisionLayout) -> PreTrainedConfig:
 
 
 def qformer_config_kwargs(qformer_config) -> dict:
-    """Q-Former settings from a BERT-style dict / JSON file / config (LAVIS's names accepted); other keys are dropped."""
+    """Q-Former settings from a BERT-style dict, JSON file or config (LAVIS names accepted); other keys are dropped."""
     if qformer_config is None:
         return {}
     if isinstance(qformer_config, PreTrainedConfig):
@@ -441,8 +446,8 @@ def convert_lavis_state_dict(
     missing = [source for rule in rules for source in rule.sources if source not in state_dict]
     if missing:
         raise ValueError(
-            f"the checkpoint lacks {len(missing)} tensors the configuration needs, e.g. {missing[:3]}; check the vision "
-            "preset/config (depth) and the Q-Former config (layers, cross_attention_frequency)"
+            f"the checkpoint lacks {len(missing)} tensors the configuration needs, e.g. {missing[:3]}; check the "
+            "vision preset/config (depth) and the Q-Former config (layers, cross_attention_frequency)"
         )
 
     converted, used = {}, set()
@@ -470,8 +475,11 @@ def convert_lavis_state_dict(
             f"the checkpoint holds {len(unexpected)} tensors with no place in the model, e.g. {unexpected[:3]}; check "
             "the vision preset/config (depth) and the Q-Former config (layers, cross_attention_frequency)"
         )
+    ignored_by_reason: dict[str, list[str]] = {}
     for key in unused:
-        logger.info(f"ignoring {key}: {reason_to_ignore(key, config, layout)}")
+        ignored_by_reason.setdefault(reason_to_ignore(key, config, layout), []).append(key)
+    for reason, keys in ignored_by_reason.items():
+        logger.info(f"ignoring {len(keys)} checkpoint tensors ({keys[0]}, ...): {reason}")
     check_tied_copies(state_dict)
 
     unfilled = sorted(set(shapes) - set(converted))

@@ -26,7 +26,7 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, 
     return weights
 
 
-def eva_vit_random(width, num_blocks, mlp_width, patch_size, image_size, seed=0) -> dict[str, torch.Tensor]:
+def eva_vit_shapes(width, num_blocks, mlp_width, patch_size, image_size) -> dict[str, tuple[int, ...]]:
     num_positions = (image_size // patch_size) ** 2 + 1
     shapes = {
         "cls_token": (1, 1, width),
@@ -51,7 +51,11 @@ def eva_vit_random(width, num_blocks, mlp_width, patch_size, image_size, seed=0)
             prefix + "mlp.fc2.weight": (width, mlp_width),
             prefix + "mlp.fc2.bias": (width,),
         }
-    return _random_weights(shapes, seed)
+    return shapes
+
+
+def eva_vit_random(width, num_blocks, mlp_width, patch_size, image_size, seed=0) -> dict[str, torch.Tensor]:
+    return _random_weights(eva_vit_shapes(width, num_blocks, mlp_width, patch_size, image_size), seed)
 
 
 def eva_vit_forward(weights, pixel_values, num_heads, depth, eps=1e-6) -> torch.Tensor:
@@ -65,19 +69,20 @@ def eva_vit_forward(weights, pixel_values, num_heads, depth, eps=1e-6) -> torch.
         w = {name[len(f"blocks.{block}.") :]: t for name, t in weights.items() if name.startswith(f"blocks.{block}.")}
         h = F.layer_norm(x, (width,), w["norm1.weight"], w["norm1.bias"], eps)
         qkv_bias = torch.cat([w["attn.q_bias"], torch.zeros_like(w["attn.v_bias"]), w["attn.v_bias"]])
-        qkv = F.linear(h, w["attn.qkv.weight"], qkv_bias).reshape(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(h, w["attn.qkv.weight"], qkv_bias)
+        qkv = qkv.reshape(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * (width // num_heads) ** -0.5
         attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
         h = (attention @ v).transpose(1, 2).reshape(batch, length, -1)
         x = x + F.linear(h, w["attn.proj.weight"], w["attn.proj.bias"])
         h = F.layer_norm(x, (width,), w["norm2.weight"], w["norm2.bias"], eps)
-        h = F.linear(F.gelu(F.linear(h, w["mlp.fc1.weight"], w["mlp.fc1.bias"])), w["mlp.fc2.weight"], w["mlp.fc2.bias"])
-        x = x + h
+        h = F.gelu(F.linear(h, w["mlp.fc1.weight"], w["mlp.fc1.bias"]))
+        x = x + F.linear(h, w["mlp.fc2.weight"], w["mlp.fc2.bias"])
     return x
 
 
-def clip_vit_random(width, num_blocks, patch_size, image_size, seed=0) -> dict[str, torch.Tensor]:
+def clip_vit_shapes(width, num_blocks, patch_size, image_size) -> dict[str, tuple[int, ...]]:
     num_positions = (image_size // patch_size) ** 2 + 1
     shapes = {
         "conv1.weight": (width, 3, patch_size, patch_size),
@@ -102,7 +107,11 @@ def clip_vit_random(width, num_blocks, patch_size, image_size, seed=0) -> dict[s
             prefix + "ln_2.weight": (width,),
             prefix + "ln_2.bias": (width,),
         }
-    return _random_weights(shapes, seed)
+    return shapes
+
+
+def clip_vit_random(width, num_blocks, patch_size, image_size, seed=0) -> dict[str, torch.Tensor]:
+    return _random_weights(clip_vit_shapes(width, num_blocks, patch_size, image_size), seed)
 
 
 def clip_vit_forward(weights, pixel_values, num_heads, depth, eps=1e-5) -> torch.Tensor:
