@@ -8,6 +8,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .builders import build_stage1_model
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel, Blip2BridgeModelOutput
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
@@ -33,4 +34,5 @@ __all__ = [
     "Blip2BridgeProcessor",
     "Blip2BridgeQFormerConfig",
     "Blip2BridgeQFormerModel",
+    "build_stage1_model",
 ]

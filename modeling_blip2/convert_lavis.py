@@ -72,6 +72,12 @@ VISION_PRESETS = {
 # Prefixes of stage-2 (OPT / FlanT5) checkpoints, whose conversion belongs to the stage-2 model.
 STAGE2_PREFIXES = ("opt_proj.", "opt_model.", "t5_proj.", "t5_model.", "llm_proj.", "llm_model.")
 
+# LAVIS's ITG decoder shares these tensors (BertLMPredictionHead ties them) and saves them twice.
+TIED_COPIES = {
+    "Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+    "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias",
+}
+
 # LAVIS's Q-Former config is BERT's config.json plus these names.
 LAVIS_BERT_KEY_NAMES = {"cross_attention_freq": "cross_attention_frequency"}
 # Q-Former settings a config file cannot override: LAVIS resizes BERT's vocabulary to its tokenizer (so the checkpoint
@@ -408,8 +414,8 @@ def reason_to_ignore(key: str, config: Blip2BridgeConfig, layout: VisionLayout) 
     """Why a checkpoint tensor that no rule reads may be left out, or None when it should not be in the checkpoint."""
     if key == "Qformer.bert.embeddings.position_ids":
         return "a buffer of position indices"
-    if key in ("Qformer.cls.predictions.decoder.weight", "Qformer.cls.predictions.decoder.bias"):
-        return "tied to the word embeddings / the prediction bias"
+    if key in TIED_COPIES:
+        return f"a tied copy of {TIED_COPIES[key]}"
     if key.startswith(VISION_PREFIX):
         name = key[len(VISION_PREFIX) :]
         block = layout.block_pattern.match(name)
@@ -421,12 +427,20 @@ def reason_to_ignore(key: str, config: Blip2BridgeConfig, layout: VisionLayout) 
 
 
 def check_tied_copies(state_dict: Mapping[str, torch.Tensor]) -> None:
-    for copy, original in (
-        ("Qformer.cls.predictions.decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight"),
-        ("Qformer.cls.predictions.decoder.bias", "Qformer.cls.predictions.bias"),
-    ):
+    for copy, original in TIED_COPIES.items():
         if copy in state_dict and original in state_dict and not torch.equal(state_dict[copy], state_dict[original]):
             logger.warning(f"{copy} differs from {original}; LAVIS ties them, and the converted model uses {original}")
+
+
+def refuse_too_shallow_tower(state_dict, vision_config: PreTrainedConfig, layout: VisionLayout) -> None:
+    """The most common mismatch, said plainly: the vision config builds more blocks than the checkpoint holds."""
+    names = [key[len(VISION_PREFIX) :] for key in state_dict if key.startswith(VISION_PREFIX)]
+    num_blocks = 1 + max(int(block.group(1)) for block in map(layout.block_pattern.match, names) if block)
+    if num_blocks < vision_config.num_hidden_layers:
+        raise ValueError(
+            f"the checkpoint's {layout.name} has {num_blocks} blocks; the vision config builds "
+            f"{vision_config.num_hidden_layers}. Give a vision config with num_hidden_layers={num_blocks} or less"
+        )
 
 
 def convert_lavis_state_dict(
@@ -443,6 +457,7 @@ def convert_lavis_state_dict(
     shapes = expected_shapes(config)
     rules = lavis_weight_rules(config, shapes, state_dict, layout)
 
+    refuse_too_shallow_tower(state_dict, config.vision_config, layout)
     missing = [source for rule in rules for source in rule.sources if source not in state_dict]
     if missing:
         raise ValueError(

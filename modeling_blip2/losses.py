@@ -83,13 +83,13 @@ def max_over_queries_similarity(image_feats: torch.Tensor, text_feats: torch.Ten
     return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
 
 
-def contrastive_targets(positive_mask: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def contrastive_targets(positive_mask: torch.Tensor, label_smoothing: float, dtype: torch.dtype) -> torch.Tensor:
     """Soft targets spreading (1 - label_smoothing) over the positives and label_smoothing uniformly.
 
     With one positive per row this is exactly cross-entropy with label smoothing; with image ids, every caption of
     the same image counts as a positive (COCO retrieval fine-tuning).
     """
-    positives = positive_mask.float()
+    positives = positive_mask.to(dtype)
     positives = positives / positives.sum(dim=1, keepdim=True)
     return (1.0 - label_smoothing) * positives + label_smoothing / positive_mask.shape[1]
 
@@ -102,8 +102,8 @@ def image_text_contrastive_loss(
     label_smoothing: float = 0.1,
 ) -> torch.Tensor:
     """ITC: mean of the image-to-text and text-to-image cross-entropies over the gathered batch."""
-    loss_i2t = F.cross_entropy(sim_i2t, contrastive_targets(positive_mask_i2t, label_smoothing))
-    loss_t2i = F.cross_entropy(sim_t2i, contrastive_targets(positive_mask_t2i, label_smoothing))
+    loss_i2t = F.cross_entropy(sim_i2t, contrastive_targets(positive_mask_i2t, label_smoothing, sim_i2t.dtype))
+    loss_t2i = F.cross_entropy(sim_t2i, contrastive_targets(positive_mask_t2i, label_smoothing, sim_t2i.dtype))
     return (loss_i2t + loss_t2i) / 2
 
 

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, Blip2VisionConfig, Blip2VisionModel, GenerationConfig, GenerationMixin
+from transformers import Blip2VisionConfig, Blip2VisionModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
@@ -67,11 +68,13 @@ class Blip2BridgeTextPredictionHead(nn.Module):
         return self.decoder(self.LayerNorm(self.activation(self.dense(hidden_states))))
 
 
-def build_vision_model(vision_config):
+def vision_model_class(vision_config) -> type[PreTrainedModel]:
     """Any vision tower AutoModel builds; BLIP-2's own (the EVA ViT-g layout) is not in AutoModel's table."""
-    if isinstance(vision_config, Blip2VisionConfig):
-        return Blip2VisionModel(vision_config)
-    return AutoModel.from_config(vision_config)
+    return Blip2VisionModel if isinstance(vision_config, Blip2VisionConfig) else MODEL_MAPPING[type(vision_config)]
+
+
+def build_vision_model(vision_config) -> PreTrainedModel:
+    return vision_model_class(vision_config)._from_config(vision_config)
 
 
 class Blip2BridgeVisionMixin:
@@ -150,6 +153,13 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         self.itg_head = Blip2BridgeTextPredictionHead(qformer_config)
         self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
         self.post_init()
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model, text_model, tokenizer=None, **kwargs) -> "Blip2BridgeModel":
+        """A stage-1 model initialised as the paper does; see `modeling_blip2.builders.build_stage1_model`."""
+        from .builders import build_stage1_model  # builders imports this module
+
+        return build_stage1_model(vision_model, text_model, tokenizer=tokenizer, **kwargs)
 
     def get_input_embeddings(self):
         return self.qformer.word_embeddings

@@ -1,0 +1,438 @@
+"""The LAVIS converter: tiny random LAVIS checkpoints (EVA and CLIP towers) in, `Blip2BridgeModel` folders out."""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel
+
+from modeling_blip2 import Blip2BridgeModel
+from modeling_blip2.cli import main
+from modeling_blip2.convert_lavis import (
+    convert_lavis_checkpoint,
+    convert_lavis_state_dict,
+    lavis_config_from_state_dict,
+)
+from tests.lavis_reference import LavisBlip2Qformer, lavis_state_dict_random
+from tests.lavis_vision_reference import (
+    clip_vit_forward,
+    clip_vit_random,
+    clip_vit_shapes,
+    eva_vit_forward,
+    eva_vit_random,
+    eva_vit_shapes,
+)
+
+
+VISION_WIDTH, VISION_HEADS, VISION_DEPTH, PATCH, IMAGE = 24, 4, 2, 14, 28
+# The Q-Former of the LAVIS reference's random state dicts, in its own keys (and BERT-style keys for the converter).
+LAVIS_QFORMER = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=50,
+    max_position_embeddings=16,
+    cross_attention_frequency=2,
+    vision_width=VISION_WIDTH,
+    num_query_tokens=4,
+    embed_dim=16,
+)
+DEC_ID = LAVIS_QFORMER["vocab_size"] - 1
+QFORMER_CONFIG = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    cross_attention_freq=2,  # LAVIS's name for it
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+# LAVIS's towers hold one block fewer than the released encoder files; the extra block must be ignored.
+EVA_CONFIG = dict(
+    model_type="blip_2_vision_model",
+    hidden_size=VISION_WIDTH,
+    intermediate_size=48,
+    num_hidden_layers=VISION_DEPTH,
+    num_attention_heads=VISION_HEADS,
+    patch_size=PATCH,
+    image_size=IMAGE,
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+)
+CLIP_CONFIG = dict(
+    model_type="clip_vision_model",
+    hidden_size=VISION_WIDTH,
+    intermediate_size=4 * VISION_WIDTH,
+    num_hidden_layers=VISION_DEPTH,
+    num_attention_heads=VISION_HEADS,
+    patch_size=PATCH,
+    image_size=IMAGE,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+)
+
+
+def eva_tower():
+    return eva_vit_random(VISION_WIDTH, VISION_DEPTH + 1, 48, PATCH, IMAGE, seed=1)
+
+
+def clip_tower():
+    return clip_vit_random(VISION_WIDTH, VISION_DEPTH + 1, PATCH, IMAGE, seed=2)
+
+
+TOWERS = {
+    "eva": (eva_tower, eva_vit_forward, EVA_CONFIG, 1e-6),
+    "clip": (clip_tower, clip_vit_forward, CLIP_CONFIG, 1e-5),
+}
+
+
+def lavis_checkpoint(tower: str) -> dict[str, torch.Tensor]:
+    state_dict = lavis_state_dict_random(LAVIS_QFORMER, seed=0)
+    state_dict.update({f"visual_encoder.{name}": weight for name, weight in TOWERS[tower][0]().items()})
+    return state_dict
+
+
+def save_checkpoint(path, state_dict, wrap=True):
+    torch.save({"model": state_dict} if wrap else state_dict, path)
+    return path
+
+
+def write_json(path, content):
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+def tower_weights(state_dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's visual_encoder.* weights under the tower's own names."""
+    prefix = "visual_encoder."
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def converted_config(state_dict, tower):
+    return lavis_config_from_state_dict(state_dict, vision=TOWERS[tower][2], qformer_config=QFORMER_CONFIG)
+
+
+def lavis_vision_features(tower, state_dict, pixel_values):
+    """LAVIS's `ln_vision(visual_encoder(image))` on the checkpoint's weights, re-stated."""
+    forward, eps = TOWERS[tower][1], TOWERS[tower][3]
+    features = forward(tower_weights(state_dict), pixel_values, num_heads=VISION_HEADS, depth=VISION_DEPTH, eps=eps)
+    return F.layer_norm(features, (VISION_WIDTH,), state_dict["ln_vision.weight"], state_dict["ln_vision.bias"], 1e-5)
+
+
+# An independent statement of where each LAVIS tensor lands (the converter uses its own tables).
+LAVIS_LAYER_MODULES = {
+    **{
+        f"{block}.{part}.{name}": f"{block}.{name}"
+        for block in ("attention", "crossattention")
+        for part, names in (("self", ("query", "key", "value")), ("output", ("dense", "LayerNorm")))
+        for name in names
+    },
+    "intermediate.dense": "text_feed_forward.intermediate",
+    "output.dense": "text_feed_forward.output",
+    "output.LayerNorm": "text_feed_forward.LayerNorm",
+    "intermediate_query.dense": "query_feed_forward.intermediate",
+    "output_query.dense": "query_feed_forward.output",
+    "output_query.LayerNorm": "query_feed_forward.LayerNorm",
+}
+LAVIS_MODULES = {
+    "Qformer.bert.embeddings.word_embeddings": "qformer.word_embeddings",
+    "Qformer.bert.embeddings.position_embeddings": "qformer.position_embeddings",
+    "Qformer.bert.embeddings.LayerNorm": "qformer.layernorm",
+    "Qformer.cls.predictions.transform.dense": "itg_head.dense",
+    "Qformer.cls.predictions.transform.LayerNorm": "itg_head.LayerNorm",
+    "Qformer.cls.predictions": "itg_head.decoder",  # its `bias`
+    "ln_vision": "vision_layernorm",
+}
+
+
+def our_name_for(lavis_key: str) -> str:
+    module, _, parameter = lavis_key.rpartition(".")
+    layer = re.fullmatch(r"Qformer\.bert\.encoder\.layer\.(\d+)\.(.+)", module)
+    if layer:
+        return f"qformer.layer.{layer.group(1)}.{LAVIS_LAYER_MODULES[layer.group(2)]}.{parameter}"
+    if module in LAVIS_MODULES:
+        return f"{LAVIS_MODULES[module]}.{parameter}"
+    return lavis_key  # query_tokens, temp, vision_proj, text_proj, itm_head keep their names
+
+
+def assert_every_lavis_tensor_landed(model, state_dict, tower):
+    ours = model.state_dict()
+    checked = set()
+    for key, value in state_dict.items():
+        if key.startswith("visual_encoder.") or key.endswith("position_ids") or ".decoder." in key:
+            continue
+        name = our_name_for(key)
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=f"{key} -> {name}")
+        checked.add(name)
+    # Tied: the ITG decoder is the word-embedding matrix.
+    torch.testing.assert_close(ours["itg_head.decoder.weight"], state_dict["Qformer.cls.predictions.decoder.weight"])
+    checked.add("itg_head.decoder.weight")
+
+    vision = tower_weights(state_dict)
+    layer = "vision_model.encoder.layers.1."
+    if tower == "eva":
+        expected = {
+            "vision_model.embeddings.class_embedding": vision["cls_token"],
+            "vision_model.embeddings.position_embedding": vision["pos_embed"],
+            layer + "self_attn.qkv.weight": vision["blocks.1.attn.qkv.weight"],
+            layer + "self_attn.qkv.bias": torch.cat(
+                [vision["blocks.1.attn.q_bias"], torch.zeros(VISION_WIDTH), vision["blocks.1.attn.v_bias"]]
+            ),
+            layer + "mlp.fc2.weight": vision["blocks.1.mlp.fc2.weight"],
+        }
+    else:
+        q, k, v = vision["transformer.resblocks.1.attn.in_proj_weight"].chunk(3)
+        expected = {
+            "vision_model.embeddings.class_embedding": vision["class_embedding"],
+            "vision_model.pre_layrnorm.weight": vision["ln_pre.weight"],
+            layer + "self_attn.q_proj.weight": q,
+            layer + "self_attn.k_proj.weight": k,
+            layer + "self_attn.v_proj.weight": v,
+            layer + "mlp.fc1.weight": vision["transformer.resblocks.1.mlp.c_fc.weight"],
+        }
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+    # LAVIS's towers have no final norm: it is saved as ones/zeros and never applied to the features.
+    assert torch.equal(ours["vision_model.post_layernorm.weight"], torch.ones(VISION_WIDTH))
+    assert torch.equal(ours["vision_model.post_layernorm.bias"], torch.zeros(VISION_WIDTH))
+    assert not any(name.startswith(f"vision_model.encoder.layers.{VISION_DEPTH}.") for name in ours)
+    non_vision = {name for name in ours if not name.startswith("vision_model.")}
+    assert non_vision == checked
+
+
+# ---- conversion through the command line and the function ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tower", ["eva", "clip"])
+def test_cli_conversion_puts_every_tensor_in_place_and_reproduces_lavis_vision_features(tower, tmp_path, capsys):
+    state_dict = lavis_checkpoint(tower)
+    checkpoint = save_checkpoint(tmp_path / "blip2_pretrained.pth", state_dict)
+    output = tmp_path / "converted"
+    exit_code = main(
+        [
+            "convert",
+            "--from",
+            "lavis",
+            str(checkpoint),
+            "--output",
+            str(output),
+            "--vision",
+            write_json(tmp_path / "vision.json", TOWERS[tower][2]),
+            "--qformer-config",
+            write_json(tmp_path / "qformer.json", QFORMER_CONFIG),
+        ]
+    )
+    assert exit_code == 0
+    printed = capsys.readouterr().out
+    assert str(output) in printed and "parameters" in printed
+
+    model = AutoModel.from_pretrained(output).eval()
+    assert isinstance(model, Blip2BridgeModel)
+    assert model.config.vision_feature_layer == -1
+    assert model.config.num_query_tokens == LAVIS_QFORMER["num_query_tokens"]
+    assert model.config.embed_dim == LAVIS_QFORMER["embed_dim"]
+    assert model.config.qformer_config.bos_token_id == DEC_ID
+    assert model.config.qformer_config.cross_attention_frequency == 2
+    assert_every_lavis_tensor_landed(model, state_dict, tower)
+
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.get_image_embeds(pixel_values)
+        expected = lavis_vision_features(tower, state_dict, pixel_values)
+    assert ours.shape == (2, (IMAGE // PATCH) ** 2 + 1, VISION_WIDTH)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_function_conversion_accepts_a_bare_state_dict_and_a_separate_vision_file(tmp_path):
+    # LAVIS's runner saves no frozen parameters, so the tower comes from its own file (eva_vit_g.pth has 40 blocks).
+    state_dict = lavis_state_dict_random(LAVIS_QFORMER, seed=0)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint_best.pth", state_dict, wrap=False)
+    vision_file = save_checkpoint(tmp_path / "eva_vit_g.pth", eva_tower(), wrap=False)
+    model = convert_lavis_checkpoint(
+        checkpoint, tmp_path / "out", vision=EVA_CONFIG, qformer_config=QFORMER_CONFIG, vision_checkpoint=vision_file
+    )
+    reloaded = AutoModel.from_pretrained(tmp_path / "out").eval()
+    full_state_dict = {**state_dict, **{f"visual_encoder.{k}": v for k, v in eva_tower().items()}}
+    assert_every_lavis_tensor_landed(reloaded, full_state_dict, "eva")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_checkpoint_without_vision_weights_asks_for_the_tower_file(tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pth", lavis_state_dict_random(LAVIS_QFORMER, seed=0))
+    with pytest.raises(ValueError, match="vision_checkpoint"):
+        convert_lavis_checkpoint(checkpoint, tmp_path / "out", vision=EVA_CONFIG, qformer_config=QFORMER_CONFIG)
+
+
+def test_presets_are_lavis_towers_and_detected_from_the_layout():
+    eva = lavis_config_from_state_dict(lavis_checkpoint("eva")).vision_config
+    assert (eva.model_type, eva.hidden_size, eva.num_hidden_layers, eva.num_attention_heads) == (
+        "blip_2_vision_model", 1408, 39, 16
+    )
+    assert (eva.intermediate_size, eva.layer_norm_eps, eva.qkv_bias, eva.image_size) == (6144, 1e-6, True, 224)
+    clip = lavis_config_from_state_dict(lavis_checkpoint("clip")).vision_config
+    assert (clip.model_type, clip.hidden_size, clip.num_hidden_layers, clip.hidden_act) == (
+        "clip_vision_model", 1024, 23, "quick_gelu"
+    )
+    # BERT-base Q-Former by default; the vocabulary and the [DEC] id come from the checkpoint.
+    qformer = lavis_config_from_state_dict(lavis_checkpoint("eva")).qformer_config
+    assert (qformer.hidden_size, qformer.num_hidden_layers, qformer.vocab_size, qformer.bos_token_id) == (
+        768, 12, 50, 49
+    )
+
+
+@pytest.mark.parametrize(
+    "preset, width, tower_shapes, lavis_depth",
+    [
+        # The released encoder files hold one block more than LAVIS's towers: eva_vit_g.pth 40, clip_vit_L.pth 24.
+        ("eva_clip_g", 1408, eva_vit_shapes(1408, 40, 6144, 14, 224), 39),
+        ("clip_L", 1024, clip_vit_shapes(1024, 24, 14, 224), 23),
+    ],
+)
+def test_presets_fit_the_full_size_lavis_towers_and_drop_their_last_block(preset, width, tower_shapes, lavis_depth):
+    # Full-size towers as shapes only (meta tensors), with a tiny Q-Former reading their width.
+    state_dict = lavis_state_dict_random(dict(LAVIS_QFORMER, vision_width=width), seed=0)
+    for key, shape in tower_shapes.items():
+        state_dict[f"visual_encoder.{key}"] = torch.empty(shape, device="meta")
+    config = lavis_config_from_state_dict(state_dict, vision=preset, qformer_config=QFORMER_CONFIG)
+    converted = convert_lavis_state_dict(state_dict, config)
+    assert config.vision_config.num_hidden_layers == lavis_depth
+    assert f"vision_model.encoder.layers.{lavis_depth - 1}.mlp.fc2.weight" in converted
+    assert f"vision_model.encoder.layers.{lavis_depth}.mlp.fc2.weight" not in converted
+    assert converted["qformer.layer.0.crossattention.key.weight"].shape == (32, width)
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------------
+
+
+def test_wrong_shape_is_refused_naming_the_key_and_both_shapes():
+    state_dict = lavis_checkpoint("eva")
+    key = "Qformer.bert.encoder.layer.1.intermediate_query.dense.weight"
+    state_dict[key] = torch.zeros(65, 32)
+    config = converted_config(state_dict, "eva")
+    with pytest.raises(ValueError, match=re.escape(f"{key} has shape (65, 32)") + ".*expects " + re.escape("(64, 32)")):
+        convert_lavis_state_dict(state_dict, config)
+
+
+def test_wrong_vision_shape_is_refused_through_the_cli(tmp_path, capsys):
+    state_dict = lavis_checkpoint("clip")
+    key = "visual_encoder.transformer.resblocks.0.attn.in_proj_weight"
+    state_dict[key] = torch.zeros(3 * VISION_WIDTH + 3, VISION_WIDTH)
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pth", state_dict)
+    argv = ["convert", "--from", "lavis", str(checkpoint), "--output", str(tmp_path / "out")]
+    argv += ["--vision", write_json(tmp_path / "v.json", CLIP_CONFIG)]
+    argv += ["--qformer-config", write_json(tmp_path / "q.json", QFORMER_CONFIG)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert f"{key} has shape (75, 24)" in error
+    assert "(72, 24)" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_preset_on_a_shallower_tower_says_how_many_blocks_it_holds(tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pth", lavis_checkpoint("eva"))
+    assert main(["convert", "--from", "lavis", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
+    assert "EVA ViT has 3 blocks; the vision config builds 39" in capsys.readouterr().err
+
+
+def test_unknown_and_missing_tensors_are_refused():
+    state_dict = lavis_checkpoint("eva")
+    config = converted_config(state_dict, "eva")
+    with pytest.raises(ValueError, match="no place in the model.*Qformer.bert.pooler.dense.weight"):
+        convert_lavis_state_dict({**state_dict, "Qformer.bert.pooler.dense.weight": torch.zeros(32, 32)}, config)
+    del state_dict["Qformer.bert.encoder.layer.2.crossattention.self.key.weight"]
+    with pytest.raises(ValueError, match="lacks 1 tensors.*layer.2.crossattention.self.key.weight"):
+        convert_lavis_state_dict(state_dict, config)
+
+
+def test_stage2_checkpoint_is_refused_with_a_clear_message():
+    state_dict = {**lavis_checkpoint("eva"), "opt_proj.weight": torch.zeros(8, 32), "opt_proj.bias": torch.zeros(8)}
+    with pytest.raises(ValueError, match="stage-2"):
+        lavis_config_from_state_dict(state_dict)
+
+
+def test_vision_config_of_the_wrong_tower_is_refused():
+    with pytest.raises(ValueError, match="EVA ViT.*'clip_vision_model'"):
+        lavis_config_from_state_dict(lavis_checkpoint("eva"), vision="clip_L")
+
+
+SIDE_EFFECTS = []
+
+
+def record_unpickling():
+    SIDE_EFFECTS.append("code ran")
+    return "payload"
+
+
+class PickledCode:
+    """An object whose unpickling would call `record_unpickling`: a stand-in for code hidden in a checkpoint."""
+
+    def __reduce__(self):
+        return (record_unpickling, ())
+
+
+def test_checkpoint_with_pickled_objects_is_refused_without_running_them(tmp_path):
+    checkpoint = tmp_path / "evil.pth"
+    torch.save({"model": lavis_checkpoint("eva"), "extra": PickledCode()}, checkpoint)
+    with pytest.raises(ValueError, match="weights_only"):
+        convert_lavis_checkpoint(checkpoint, tmp_path / "out", vision=EVA_CONFIG, qformer_config=QFORMER_CONFIG)
+    assert SIDE_EFFECTS == []
+
+
+# ---- numerics against the original ---------------------------------------------------------------------------------
+
+
+def converted_and_lavis_models(dtype):
+    state_dict = lavis_checkpoint("eva")
+    config = converted_config(state_dict, "eva")
+    ours = Blip2BridgeModel(config)
+    ours.load_state_dict(convert_lavis_state_dict(state_dict, config))
+    lavis = LavisBlip2Qformer(LAVIS_QFORMER, state_dict)
+    return ours.to(dtype).train(), lavis.to(dtype).train(), state_dict
+
+
+def text_batch():
+    # Batch size 2: each text has one non-positive image (and each image one non-positive text), so both
+    # implementations draw the same ITM negatives whatever their random streams.
+    input_ids = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]])
+    return input_ids, (input_ids != 0).long()
+
+
+def test_converted_model_reproduces_lavis_stage1_losses_from_pixels():
+    ours, lavis, state_dict = converted_and_lavis_models(torch.float32)
+    input_ids, attention_mask = text_batch()
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4))
+    tower = tower_weights(state_dict)
+    image_embeds_raw = eva_vit_forward(tower, pixel_values, num_heads=VISION_HEADS, depth=VISION_DEPTH)
+
+    expected = lavis(
+        image_embeds_raw=image_embeds_raw, input_ids=input_ids, attention_mask=attention_mask, bos_token_id=DEC_ID
+    )
+    output = ours(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        torch.testing.assert_close(getattr(output, name), expected[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_converted_model_reproduces_lavis_gradients():
+    # float64: vision_proj's gradient is a small difference of large terms, whose float32 rounding alone reaches a
+    # relative 5e-4 with LAVIS-like 0.02-std weights.
+    ours, lavis, state_dict = converted_and_lavis_models(torch.float64)
+    input_ids, attention_mask = text_batch()
+    generator = torch.Generator().manual_seed(5)
+    image_embeds = torch.randn(2, (IMAGE // PATCH) ** 2 + 1, VISION_WIDTH, dtype=torch.float64, generator=generator)
+
+    expected = lavis(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, bos_token_id=DEC_ID)
+    output = ours(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        torch.testing.assert_close(getattr(output, name), expected[name], rtol=0, atol=1e-6, msg=name)
+    expected["loss"].backward()
+    output.loss.backward()
+    lavis_parameters = dict(lavis.named_parameters())
+    for name in ("query_tokens", "vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias"):
+        ours_grad, lavis_grad = ours.get_parameter(name).grad, lavis_parameters[name].grad
+        relative_error = ((ours_grad - lavis_grad).norm() / lavis_grad.norm()).item()
+        assert relative_error < 1e-6, f"{name}: relative gradient error {relative_error:.2e}"
