@@ -187,7 +187,10 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
     ) -> torch.Tensor:
         """(batch, embed_dim) L2-normalised [CLS] embeddings of the unimodal text pass, the text side of ITC."""
         self._check_text(input_ids, attention_mask)
-        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._text_feats(self.qformer.word_embeddings(input_ids), attention_mask)
+
+    def _text_feats(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        text_output = self.qformer(inputs_embeds=text_embeds, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
 
     def get_itm_logits(
@@ -208,11 +211,13 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         return self._itm_logits(image_embeds, input_ids, attention_mask, image_index)
 
     def _itm_logits(
-        self, image_embeds, input_ids, attention_mask, image_index=None, image_key_values=None
+        self, image_embeds, input_ids, attention_mask, image_index=None, image_key_values=None, text_embeds=None
     ) -> torch.Tensor:
-        query_embeds = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        num_pairs = input_ids.shape[0] if input_ids is not None else text_embeds.shape[0]
+        query_embeds = self.query_tokens.expand(num_pairs, -1, -1)
         output = self.qformer(
             input_ids=input_ids,
+            inputs_embeds=text_embeds,
             attention_mask=attention_mask,
             query_embeds=query_embeds,
             image_embeds=image_embeds,
@@ -279,7 +284,12 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         query_pass = self.get_query_output(image_embeds, use_cache=return_loss, image_key_values=image_key_values)
         query_output = query_pass.last_hidden_state
         image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-        text_feats = self.get_text_features(input_ids, attention_mask)
+        # One word-embedding lookup serves the ITC, ITM and ITG text passes ([DEC] looked up alongside): each
+        # further lookup would cost a dense vocabulary-sized gradient in backward.
+        dec_column = torch.full_like(input_ids[:, :1], self.config.qformer_config.bos_token_id)
+        word_embeds = self.qformer.word_embeddings(torch.cat([input_ids, dec_column], dim=1))
+        text_embeds = word_embeds[:, :-1]
+        text_feats = self._text_feats(text_embeds, attention_mask)
 
         # ---- ITC ----
         world_size, rank = world_size_and_rank()
@@ -309,12 +319,16 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         input_ids_all, attention_mask_all = gather_text_across_processes(
             input_ids, attention_mask, self.config.qformer_config.pad_token_id
         )
+        if world_size == 1:
+            negative_text_embeds = text_embeds[negative_text_index]
+        else:
+            negative_text_embeds = self.qformer.word_embeddings(input_ids_all[negative_text_index])
         # Gathered texts are padded to the longest process; extra padding is masked and changes no output.
         text_length = input_ids_all.shape[1]
-        local_input_ids = pad_to_length(input_ids, text_length, self.config.qformer_config.pad_token_id)
+        local_text_embeds = F.pad(text_embeds, (0, 0, 0, text_length - text_embeds.shape[1]))
         local_attention_mask = pad_to_length(attention_mask, text_length, 0)
         # Text rows: [positives; positives; negative texts] are paired with images [positives; negatives; positives].
-        itm_input_ids = torch.cat([local_input_ids, local_input_ids, input_ids_all[negative_text_index]])
+        itm_text_embeds = torch.cat([local_text_embeds, local_text_embeds, negative_text_embeds])
         itm_attention_mask = torch.cat(
             [local_attention_mask, local_attention_mask, attention_mask_all[negative_text_index]]
         )
@@ -331,21 +345,25 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             ]
             negatives = positives + batch_size
         itm_logits = self._itm_logits(
-            None, itm_input_ids, itm_attention_mask, torch.cat([positives, negatives, positives]), itm_key_values
+            None,
+            None,
+            itm_attention_mask,
+            torch.cat([positives, negatives, positives]),
+            itm_key_values,
+            text_embeds=itm_text_embeds,
         )
         loss_itm = image_text_matching_loss(itm_logits, num_positives=batch_size)
 
         # ---- ITG: [DEC] replaces [CLS]; text is causal and reads every query through the cached keys/values ----
-        decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = self.config.qformer_config.bos_token_id
+        decoder_embeds = torch.cat([word_embeds[:, -1:], text_embeds[:, 1:]], dim=1)
         text_output = self.qformer(
-            input_ids=decoder_input_ids,
+            inputs_embeds=decoder_embeds,
             attention_mask=attention_mask,
             past_key_values=query_pass.past_key_values,
             is_causal=True,
         ).last_hidden_state
         # Predict token t+1 from position t; padded targets are left out before the vocabulary projection.
-        labels = decoder_input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         predicted = labels != -100
         loss_itg = image_grounded_generation_loss(self.itg_head(text_output[:, :-1][predicted]), labels[predicted])
 

@@ -263,23 +263,22 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
 
     def embed(
         self,
-        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
         query_embeds: torch.Tensor | None,
         position_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """[queries; word + position embeddings of the text], then the embedding LayerNorm over both."""
         parts = [] if query_embeds is None else [query_embeds]
-        if input_ids is not None:
-            if not self.config.use_text_input:
-                raise ValueError("this Q-Former was built with use_text_input=False and cannot read input_ids")
+        if inputs_embeds is not None:
+            text_length = inputs_embeds.shape[1]
             if position_ids is None:
-                if input_ids.shape[1] > self.config.max_position_embeddings:
+                if text_length > self.config.max_position_embeddings:
                     raise ValueError(
-                        f"text of {input_ids.shape[1]} tokens is longer than the Q-Former's position table "
+                        f"text of {text_length} tokens is longer than the Q-Former's position table "
                         f"(max_position_embeddings={self.config.max_position_embeddings}); truncate it"
                     )
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(position_ids))
+                position_ids = torch.arange(text_length, device=inputs_embeds.device)[None]
+            parts.append(inputs_embeds + self.position_embeddings(position_ids))
         return self.dropout(self.layernorm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]))
 
     def forward(
@@ -290,6 +289,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         image_index: torch.LongTensor | None = None,
         image_key_values: list | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         is_causal: bool = False,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
@@ -297,7 +297,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         **kwargs,
     ) -> Blip2BridgeQFormerOutput:
         r"""
-        input_ids: (batch, text_length) BERT token ids.
+        input_ids: (batch, text_length) BERT token ids, or
+        inputs_embeds: (batch, text_length, hidden_size) their word embeddings (positions are added here).
         attention_mask: (batch, text_length) 1 for text tokens to attend to, covering every text token so far
             (cached and current); query positions are always visible.
         query_embeds: (batch, num_query_tokens, hidden_size) learned queries, placed before the text.
@@ -308,9 +309,13 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
         """
-        if input_ids is None and query_embeds is None:
-            raise ValueError("the Q-Former needs input_ids, query_embeds or both")
-        hidden_states = self.embed(input_ids, query_embeds, position_ids)
+        if input_ids is not None:
+            if not self.config.use_text_input:
+                raise ValueError("this Q-Former was built with use_text_input=False and cannot read input_ids")
+            inputs_embeds = self.word_embeddings(input_ids)
+        if inputs_embeds is None and query_embeds is None:
+            raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
+        hidden_states = self.embed(inputs_embeds, query_embeds, position_ids)
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         batch_size, num_rows = hidden_states.shape[:2]
         past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
@@ -332,10 +337,11 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         if image_key_values is None and image_embeds is not None and query_length > 0:
             image_key_values = self.project_image(image_embeds)
         text_token_index = None
-        if attention_mask is not None and input_ids is not None:
+        if attention_mask is not None and inputs_embeds is not None:
             # The text feed-forward blocks skip padding: the bulk of a padded caption batch's compute.
-            text_token_index = attention_mask[:, -input_ids.shape[1] :].reshape(-1).nonzero().squeeze(1)
-            if text_token_index.numel() == input_ids.numel():
+            text_length = inputs_embeds.shape[1]
+            text_token_index = attention_mask[:, -text_length:].reshape(-1).nonzero().squeeze(1)
+            if text_token_index.numel() == attention_mask.shape[0] * text_length:
                 text_token_index = None  # no padding: gathering would only cost
 
         for layer_idx, layer in enumerate(self.layer):
