@@ -216,7 +216,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         torch.manual_seed(3)
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
         out.loss.backward()
