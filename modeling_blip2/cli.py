@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="blip2-bridge", description="BLIP-2 for the Hugging Face ecosystem: train, evaluate and convert models."
+        prog="blip2-bridge", description="BLIP-2 for the Hugging Face ecosystem."
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in SUBCOMMANDS:

@@ -436,3 +436,35 @@ def test_converted_model_reproduces_lavis_gradients():
         ours_grad, lavis_grad = ours.get_parameter(name).grad, lavis_parameters[name].grad
         relative_error = ((ours_grad - lavis_grad).norm() / lavis_grad.norm()).item()
         assert relative_error < 1e-6, f"{name}: relative gradient error {relative_error:.2e}"
+
+
+def test_converted_model_draws_the_same_hard_negatives_as_the_original_under_one_seed():
+    # With six pairs the negatives are random; one vectorised multinomial per direction consumes the random stream
+    # exactly as the original's per-row loop, so under the same seed both draw the same pairs.
+    ours, lavis, _ = converted_and_lavis_models(torch.float32)
+    generator = torch.Generator().manual_seed(6)
+    image_embeds = torch.randn(6, (IMAGE // PATCH) ** 2 + 1, VISION_WIDTH, generator=generator)
+    input_ids = torch.randint(5, DEC_ID, (6, 7), generator=generator)
+    input_ids[:, 0], input_ids[:, -1] = 2, 3
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 4:], attention_mask[5, 3:] = 0, 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+
+    torch.manual_seed(7)
+    expected = lavis(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, bos_token_id=DEC_ID)
+    torch.manual_seed(8)
+    other_draw = ours(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask).itm_logits
+    torch.manual_seed(7)
+    output = ours(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    torch.testing.assert_close(output.itm_logits, expected["itm_logits"], rtol=0, atol=1e-6)
+    # Another seed draws other pairs, which the comparison above would have caught.
+    assert (other_draw - expected["itm_logits"]).abs().max() > 1e-5
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        torch.testing.assert_close(getattr(output, name), expected[name], rtol=0, atol=1e-4, msg=name)
+    expected["loss"].backward()
+    output.loss.backward()
+    lavis_parameters = dict(lavis.named_parameters())
+    for name in ("query_tokens", "vision_proj.weight", "text_proj.weight"):
+        ours_grad, lavis_grad = ours.get_parameter(name).grad, lavis_parameters[name].grad
+        relative_error = ((ours_grad - lavis_grad).norm() / lavis_grad.norm()).item()
+        assert relative_error < 1e-3, f"{name}: relative gradient error {relative_error:.2e}"
