@@ -190,7 +190,9 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         return self._text_feats(self.qformer.word_embeddings(input_ids), attention_mask)
 
     def _text_feats(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        text_output = self.qformer(inputs_embeds=text_embeds, attention_mask=attention_mask).last_hidden_state
+        text_output = self.qformer(
+            inputs_embeds=text_embeds, attention_mask=attention_mask, output_rows=1
+        ).last_hidden_state
         return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
 
     def get_itm_logits(
@@ -223,9 +225,10 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             image_embeds=image_embeds,
             image_index=image_index,
             image_key_values=image_key_values,
+            output_rows=query_embeds.shape[1],
         ).last_hidden_state
         # The original averages the 2-way head over the query positions only.
-        return self.itm_head(output[:, : query_embeds.shape[1]]).mean(dim=1)
+        return self.itm_head(output).mean(dim=1)
 
     def _check_text(self, input_ids, attention_mask, batch_size: int | None = None):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -95,14 +95,21 @@ class Blip2BridgeQFormerAttention(nn.Module):
         image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         image_index: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_output_rows: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Self-attention (with optional cached keys/values) or, given `image_key_value`, cross-attention.
 
         Returns the block output and this pass's (key, value) so that a cache can keep them for later tokens.
+        With `num_output_rows`, only the first rows attend and are returned (every row still serves as a key).
         """
+        key_value_source = hidden_states
+        if num_output_rows is not None:
+            hidden_states = hidden_states[:, :num_output_rows]
+            if attention_mask is not None and attention_mask.shape[2] > 1:
+                attention_mask = attention_mask[:, :, :num_output_rows]
         query = self._split_heads(self.query(hidden_states))
         if image_key_value is None:
-            key, value = self.project_key_value(hidden_states)
+            key, value = self.project_key_value(key_value_source)
         else:
             key, value = image_key_value
             if image_index is not None:
@@ -174,10 +181,15 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         query_length: int = 0,
         image_index: torch.Tensor | None = None,
         text_token_index: torch.Tensor | None = None,
+        num_output_rows: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # Tensors come positionally so that gradient checkpointing sees them; the layer only reads the cache and
         # returns its new key/value, so a recomputation in backward cannot write it twice.
-        attention_output, new_key_value = self.attention(hidden_states, attention_mask, past_key_value=past_key_value)
+        attention_output, new_key_value = self.attention(
+            hidden_states, attention_mask, past_key_value=past_key_value, num_output_rows=num_output_rows
+        )
+        if num_output_rows is not None:
+            text_token_index = None  # it indexes every row; the few rows kept are all computed
         if query_length == 0:
             return self.text_feed_forward(attention_output, text_token_index), new_key_value
 
@@ -290,6 +302,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         image_index: torch.LongTensor | None = None,
         image_key_values: list | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_rows: int | None = None,
         is_causal: bool = False,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
@@ -305,6 +318,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         image_embeds: (num_images, image_length, encoder_hidden_size) features the queries cross-attend to.
         image_index: (batch,) which image each row cross-attends to; default row i -> image i.
         image_key_values: `project_image(image_embeds)`, when the caller already has it (instead of image_embeds).
+        output_rows: the caller reads only the first `output_rows` positions of the output (ITM reads the queries,
+            ITC the [CLS] token): the last layer computes just those.
         is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
         past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
@@ -356,6 +371,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                 query_length=query_length,
                 image_index=image_index,
                 text_token_index=text_token_index,
+                num_output_rows=output_rows if layer_idx == len(self.layer) - 1 else None,
             )
             if use_cache:
                 past_key_values.update(*new_key_value, layer_idx)
