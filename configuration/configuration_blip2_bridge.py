@@ -69,6 +69,9 @@ class Blip2BridgeConfig(PreTrainedConfig):
         vision_layer_norm_eps: eps of the LayerNorm (`ln_vision`) applied to the vision features.
         initial_temperature: initial value of the learnable ITC temperature `temp`.
         freeze_vision_model: keep the vision encoder frozen (no gradient, eval mode), as the paper does.
+        freeze_language_model: keep the stage-2 language model frozen (no gradient), as the paper does; only the
+            queries, the Q-Former and the language projection train. Its dropout follows the model's train/eval mode,
+            as in the original.
         gather_with_grad: ITC's cross-process gather keeps the gradient of the other ranks' features. The original
             detaches them (default False), so that each direction of the loss trains one side only.
         image_token_id: id of the image placeholder token in the LLM's input ids (stage 2).
@@ -91,6 +94,7 @@ class Blip2BridgeConfig(PreTrainedConfig):
     vision_layer_norm_eps: float = 1e-5
     initial_temperature: float = 0.07
     freeze_vision_model: bool = True
+    freeze_language_model: bool = True
     gather_with_grad: bool = False
     image_token_id: int | None = None
     tie_word_embeddings: bool = True

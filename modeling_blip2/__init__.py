@@ -4,6 +4,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForPreTraining,
     AutoProcessor,
 )
@@ -11,6 +12,10 @@ from transformers import (
 from .builders import build_stage1_model
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel, Blip2BridgeModelOutput
+from .modeling_blip2_bridge_generation import (
+    Blip2BridgeForConditionalGeneration,
+    Blip2BridgeForConditionalGenerationOutput,
+)
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
 from .processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 
@@ -20,6 +25,7 @@ AutoConfig.register(Blip2BridgeQFormerConfig.model_type, Blip2BridgeQFormerConfi
 AutoModel.register(Blip2BridgeConfig, Blip2BridgeModel, exist_ok=True)
 AutoModel.register(Blip2BridgeQFormerConfig, Blip2BridgeQFormerModel, exist_ok=True)
 AutoModelForPreTraining.register(Blip2BridgeConfig, Blip2BridgeModel, exist_ok=True)
+AutoModelForImageTextToText.register(Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(Blip2BridgeConfig, slow_image_processor_class=Blip2BridgeImageProcessor, exist_ok=True)
 AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
 
@@ -27,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blip2BridgeConfig",
+    "Blip2BridgeForConditionalGeneration",
+    "Blip2BridgeForConditionalGenerationOutput",
     "Blip2BridgeImageProcessor",
     "Blip2BridgeModel",
     "Blip2BridgeModelOutput",

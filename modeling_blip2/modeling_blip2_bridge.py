@@ -83,7 +83,17 @@ class Blip2BridgeVisionMixin:
     def _build_vision(self, config: Blip2BridgeConfig):
         self.vision_model = build_vision_model(config.vision_config)
         self.vision_layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_layer_norm_eps)
-        if config.freeze_vision_model:
+        self._freeze_frozen_modules()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading makes fresh parameters, all trainable: freeze again what the config keeps frozen.
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_frozen_modules()
+        return loaded
+
+    def _freeze_frozen_modules(self):
+        if self.config.freeze_vision_model:
             self.vision_model.requires_grad_(False)
 
     def train(self, mode: bool = True):

@@ -1,0 +1,300 @@
+"""Stage 2 of BLIP-2: the Q-Former's query outputs, projected to a frozen language model's width, prompt it.
+
+The projected queries replace `num_query_tokens` image placeholder tokens (`config.image_token_id`) in the LLM's input
+ids, as in transformers' `Blip2ForConditionalGeneration`, whose checkpoints this model also loads.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Config, GenerationMixin, PreTrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
+from transformers.utils import ModelOutput
+
+from .configuration import Blip2BridgeConfig
+from .modeling_blip2_bridge import Blip2BridgeVisionMixin
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+
+# transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
+# tower's `post_layernorm` is the original's `ln_vision`: ours is `vision_layernorm`, applied to hidden_states[-1].
+# One capturing group (the layer index) per pattern: what transformers' renaming supports.
+_LAYER = r"^qformer\.encoder\.layer\.(\d+)\."
+BLIP2_KEY_MAPPING = {
+    r"^vision_model\.post_layernorm\.": "vision_layernorm.",
+    _LAYER + r"attention\.attention\.": r"qformer.layer.\1.attention.",
+    _LAYER + r"attention\.output\.": r"qformer.layer.\1.attention.",
+    _LAYER + r"crossattention\.attention\.": r"qformer.layer.\1.crossattention.",
+    _LAYER + r"crossattention\.output\.": r"qformer.layer.\1.crossattention.",
+    _LAYER + r"intermediate_query\.dense\.": r"qformer.layer.\1.query_feed_forward.intermediate.",
+    _LAYER + r"output_query\.dense\.": r"qformer.layer.\1.query_feed_forward.output.",
+    _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
+}
+
+_QFORMER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+    "cross_attention_frequency",
+)
+
+
+def config_from_blip2(blip2_config: Blip2Config) -> Blip2BridgeConfig:
+    """Our configuration of a transformers `Blip2Config` (model_type "blip-2"), for `BLIP2_KEY_MAPPING`'s weights."""
+    qformer = blip2_config.qformer_config
+    return Blip2BridgeConfig(
+        vision_config=blip2_config.vision_config.to_dict(),
+        qformer_config={**{name: getattr(qformer, name) for name in _QFORMER_FIELDS}, "use_text_input": False},
+        text_config=blip2_config.text_config.to_dict(),
+        num_query_tokens=blip2_config.num_query_tokens,
+        image_token_id=blip2_config.image_token_index,
+        # The Q-Former reads the last layer's output through the LayerNorm transformers calls `post_layernorm`.
+        vision_feature_layer=-1,
+        vision_layer_norm_eps=blip2_config.vision_config.layer_norm_eps,
+        initializer_range=blip2_config.initializer_range,
+        dtype=blip2_config.dtype,  # dtype="auto" loads e.g. Salesforce/blip2-opt-2.7b in its saved float16
+    )
+
+
+@dataclass
+class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
+    """
+    loss: the language-modelling loss on the text targets of `labels` (image positions are never targets).
+    logits: (batch, sequence_length, vocab_size) the LLM's logits (decoder positions for an encoder-decoder LLM).
+    image_features: (batch, num_query_tokens, llm_hidden_size) the projected query outputs that replaced the image
+        placeholder tokens; pass them back as `image_features` to ask more about the same images.
+    language_model_outputs: the LLM's own output (past_key_values, encoder states, ...).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_features: torch.FloatTensor | None = None
+    language_model_outputs: CausalLMOutputWithPast | Seq2SeqLMOutput | None = None
+
+    def to_tuple(self):
+        return tuple(
+            self[k].to_tuple() if k == "language_model_outputs" else self[k] for k in self.keys()
+        )
+
+
+class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel, GenerationMixin):
+    """BLIP-2 stage 2: vision encoder (frozen), queries, Q-Former, language projection and an LLM (frozen by default).
+
+    The Q-Former carries no text-side weights (`use_text_input=False`): stage 2 feeds it the queries only.
+    """
+
+    config: Blip2BridgeConfig
+
+    def __init__(self, config: Blip2BridgeConfig):
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("a stage-2 model needs config.text_config, the language model's configuration")
+        qformer_config = config.qformer_config
+        qformer_config.use_text_input = False  # stage 2 feeds the Q-Former queries only
+        self._build_vision(config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.qformer = Blip2BridgeQFormerModel(qformer_config)
+        self.language_projection = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
+        if config.text_config.is_encoder_decoder:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._freeze_frozen_modules()
+        self.post_init()
+
+    def _freeze_frozen_modules(self):
+        super()._freeze_frozen_modules()
+        if self.config.freeze_language_model and hasattr(self, "language_model"):  # built after the vision tower
+            self.language_model.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Also loads transformers' own BLIP-2 checkpoints (model_type "blip-2"), renaming their weights on the way."""
+        if config is None:
+            hub_kwargs = {
+                name: kwargs[name]
+                for name in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+                if name in kwargs
+            }
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            if config_dict.get("model_type") == Blip2Config.model_type:
+                config = config_from_blip2(Blip2Config.from_dict(config_dict))
+                kwargs["key_mapping"] = {**BLIP2_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        if "key_mapping" in kwargs:
+            # transformers would save the weights back under the names they were loaded from; ours are the names now.
+            (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
+        return loaded
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_encoder(self, modality=None):
+        if modality is None:
+            return self.language_model.get_encoder()
+        return super().get_encoder(modality=modality)
+
+    # ---- image features -------------------------------------------------------------------------------------------
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, num_query_tokens, llm_hidden_size): the query outputs in the LLM's embedding space.
+
+        Compute them once per image and pass them as `image_features` to `forward`/`generate` for every question.
+        """
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        query_output = self.get_query_output(image_embeds).last_hidden_state
+        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+    def _resolve_image_features(self, pixel_values, image_embeds, image_features) -> torch.Tensor:
+        if image_features is None:
+            return self.get_image_features(pixel_values, image_embeds)
+        if pixel_values is not None or image_embeds is not None:
+            raise ValueError("pass exactly one of pixel_values, image_embeds and image_features")
+        num_query_tokens, width = self.config.num_query_tokens, self.config.text_config.hidden_size
+        if image_features.dim() != 3 or tuple(image_features.shape[1:]) != (num_query_tokens, width):
+            raise ValueError(
+                f"image_features has shape {tuple(image_features.shape)}; expected (batch, {num_query_tokens}, {width})"
+            )
+        return image_features
+
+    def _embed_with_image_features(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embeddings of `input_ids`, the image placeholders replaced by the image features."""
+        image_token_id = self.config.image_token_id
+        if image_token_id is None:
+            raise ValueError("config.image_token_id is not set: the LLM's input ids need an image placeholder token")
+        if input_ids.shape[0] != image_features.shape[0]:
+            raise ValueError(
+                f"input_ids has batch size {input_ids.shape[0]} but there are {image_features.shape[0]} images; "
+                "each prompt needs one image"
+            )
+        is_image = input_ids == image_token_id
+        counts = is_image.sum(dim=1)
+        num_query_tokens = self.config.num_query_tokens
+        if (counts != num_query_tokens).any():
+            raise ValueError(
+                f"input_ids rows hold {counts.tolist()} image placeholder tokens (id {image_token_id}); expected "
+                f"num_query_tokens={num_query_tokens} in every row"
+            )
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_features)
+
+    # ---- training and scoring -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> Blip2BridgeForConditionalGenerationOutput:
+        r"""
+        pixel_values: (batch, 3, height, width) images, or
+        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, or
+        image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features`.
+        input_ids: (batch, length) LLM token ids holding `num_query_tokens` placeholders of id `config.image_token_id`
+            per row; attention_mask: 1 for real tokens.
+        labels: decoder-only LLM: (batch, length) targets aligned with `input_ids` (shifted inside the loss), -100
+            ignored; the image positions never count. Encoder-decoder LLM: the decoder's targets, as T5's `labels`.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required: the prompt with its image placeholder tokens")
+        image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
+        inputs_embeds = self._embed_with_image_features(input_ids, image_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        if self.config.text_config.is_encoder_decoder:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
+            loss, logits = outputs.loss, outputs.logits
+        else:
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
+            )
+            logits, loss = outputs.logits, None
+            if labels is not None:
+                # As transformers' BLIP-2, shorter labels align with the end of the sequence.
+                labels = labels.to(logits.device)
+                is_image = input_ids[:, -labels.shape[1] :] == self.config.image_token_id
+                loss = self.loss_function(
+                    logits=logits[:, -labels.shape[1] :],
+                    labels=labels.masked_fill(is_image.to(labels.device), -100),
+                    vocab_size=self.config.text_config.vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                )
+        return Blip2BridgeForConditionalGenerationOutput(
+            loss=loss, logits=logits, image_features=image_features, language_model_outputs=outputs
+        )
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Answers or captions through the LLM's `generate` (greedy, beams, sampling, ...), as transformers' BLIP-2.
+
+        input_ids: the prompts with their image placeholders (left-pad batched prompts); default the placeholders
+        followed by the LLM's BOS (decoder-only) or EOS (encoder-decoder, as T5's tokenizer ends an empty prompt),
+        i.e. captioning. A decoder-only LLM returns the prompt followed by the new tokens; an encoder-decoder one the
+        decoder's tokens.
+        """
+        image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
+        text_config = self.config.text_config
+        if input_ids is None:
+            start_token_id = text_config.eos_token_id if text_config.is_encoder_decoder else text_config.bos_token_id
+            start_tokens = [self.config.image_token_id] * self.config.num_query_tokens
+            start_tokens += [] if start_token_id is None else [start_token_id]
+            input_ids = torch.tensor([start_tokens], device=image_features.device).repeat(image_features.shape[0], 1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = {
+            "inputs_embeds": self._embed_with_image_features(input_ids, image_features),
+            "attention_mask": attention_mask,
+        }
+        if not text_config.is_encoder_decoder:
+            inputs["input_ids"] = input_ids
+        return self.language_model.generate(**inputs, **generate_kwargs)
+
+
+__all__ = ["BLIP2_KEY_MAPPING", "Blip2BridgeForConditionalGeneration", "Blip2BridgeForConditionalGenerationOutput"]

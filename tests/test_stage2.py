@@ -1,0 +1,278 @@
+"""Stage 2: projected queries prompt a frozen LLM; transformers' own BLIP-2 checkpoints load with identical outputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, Blip2Config, Blip2ForConditionalGeneration
+
+from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeModel
+
+VOCAB_SIZE = 99
+IMAGE_TOKEN_ID = VOCAB_SIZE - 1
+NUM_QUERY_TOKENS = 4
+VISION_CONFIG = dict(
+    model_type="blip_2_vision_model",
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+)
+QFORMER_CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+TEXT_CONFIGS = {
+    "opt": dict(
+        model_type="opt",
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        word_embed_proj_dim=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        dropout=0.0,
+    ),
+    "t5": dict(
+        model_type="t5",
+        vocab_size=VOCAB_SIZE,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+        dropout_rate=0.0,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TEXT_CONFIGS))
+def model_pair(request, tmp_path_factory):
+    """transformers' BLIP-2 with random (non-trivial) weights, saved, and ours loaded from that save."""
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=VISION_CONFIG,
+        qformer_config=QFORMER_CONFIG,
+        text_config=TEXT_CONFIGS[request.param],
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    reference = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():  # query tokens start at zero, norms at one: make every weight count
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp(f"blip2_{request.param}")
+    reference.save_pretrained(path)
+    return request.param, reference, Blip2BridgeForConditionalGeneration.from_pretrained(path).eval()
+
+
+def prompts(batch_size: int = 2, text_length: int = 5, seed: int = 0, left_pad: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, 28, 28, generator=generator)
+    text = torch.randint(3, IMAGE_TOKEN_ID, (batch_size, text_length), generator=generator)
+    input_ids = torch.cat([torch.full((batch_size, NUM_QUERY_TOKENS), IMAGE_TOKEN_ID), text], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad:  # the last prompt is two tokens shorter, padded on the left as for batched generation
+        input_ids[-1] = torch.cat([torch.tensor([1, 1]), input_ids[-1, :-2]])
+        attention_mask[-1, :2] = 0
+    return pixel_values, input_ids, attention_mask
+
+
+def decoder_inputs(name: str, batch_size: int = 2):
+    if name != "t5":
+        return {}
+    return {"labels": torch.randint(3, IMAGE_TOKEN_ID, (batch_size, 4), generator=torch.Generator().manual_seed(1))}
+
+
+def test_transformers_blip2_checkpoint_gives_identical_logits_and_loss(model_pair):
+    name, reference, ours = model_pair
+    pixel_values, input_ids, attention_mask = prompts()
+    kwargs = decoder_inputs(name)
+    if name == "opt":
+        kwargs["labels"] = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        actual = ours(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    assert expected.logits.abs().max() > 0.5  # a random model whose logits differ visibly
+    assert (actual.logits - expected.logits).abs().max() <= 1e-4
+    assert abs(actual.loss.item() - expected.loss.item()) <= 1e-5
+    # transformers' post_layernorm is our vision_layernorm; ours stays at its unused identity initialisation.
+    torch.testing.assert_close(ours.vision_layernorm.weight, reference.vision_model.post_layernorm.weight)
+    assert ours.vision_layernorm.eps == reference.config.vision_config.layer_norm_eps
+    unused_norm = ours.vision_model.post_layernorm.weight
+    assert torch.equal(unused_norm, torch.ones_like(unused_norm))
+
+
+@pytest.mark.parametrize(
+    "generate_kwargs",
+    [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3), dict(max_new_tokens=6, do_sample=True, top_k=5)],
+    ids=["greedy", "beam", "sample"],
+)
+def test_transformers_blip2_checkpoint_generates_identical_tokens(model_pair, generate_kwargs):
+    name, reference, ours = model_pair
+    pixel_values, input_ids, attention_mask = prompts(left_pad=name == "opt")
+    torch.manual_seed(3)
+    expected = reference.generate(
+        pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+    )
+    torch.manual_seed(3)
+    actual = ours.generate(
+        pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+    )
+    assert actual.tolist() == expected.tolist()
+    assert actual.shape[0] == 2
+
+
+def test_captioning_without_prompt_starts_from_the_placeholders(model_pair):
+    name, reference, ours = model_pair
+    pixel_values = prompts()[0]
+    actual = ours.generate(pixel_values=pixel_values, max_new_tokens=5)
+    if name == "opt":  # transformers' captioning: placeholders + BOS
+        assert actual.tolist() == reference.generate(pixel_values=pixel_values, max_new_tokens=5).tolist()
+        assert actual[:, :NUM_QUERY_TOKENS].eq(IMAGE_TOKEN_ID).all() and actual[:, NUM_QUERY_TOKENS].eq(2).all()
+    else:  # T5 has no BOS; an empty prompt tokenizes to EOS, as the original's FlanT5 captioning
+        start = torch.tensor([[IMAGE_TOKEN_ID] * NUM_QUERY_TOKENS + [1]] * 2)
+        assert actual.tolist() == ours.generate(pixel_values=pixel_values, input_ids=start, max_new_tokens=5).tolist()
+
+
+def test_precomputed_image_features_answer_three_questions_like_full_calls(model_pair):
+    name, _, ours = model_pair
+    pixel_values = prompts(batch_size=1)[0]
+    with torch.no_grad():
+        image_features = ours.get_image_features(pixel_values)
+        from_embeds = ours.get_image_features(image_embeds=ours.get_image_embeds(pixel_values))
+        assert image_features.shape == (1, NUM_QUERY_TOKENS, ours.config.text_config.hidden_size)
+        torch.testing.assert_close(from_embeds, image_features, rtol=0, atol=0)
+        for seed in range(3):
+            _, input_ids, _ = prompts(batch_size=1, seed=10 + seed)
+            kwargs = decoder_inputs(name, batch_size=1)
+            full = ours(pixel_values=pixel_values, input_ids=input_ids, **kwargs).logits
+            cached = ours(image_features=image_features, input_ids=input_ids, **kwargs).logits
+            assert torch.equal(cached, full)
+            assert ours.generate(image_features=image_features, input_ids=input_ids, max_new_tokens=4).tolist() == (
+                ours.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=4).tolist()
+            )
+
+
+def test_decoder_only_loss_is_cross_entropy_on_the_text_positions_only(model_pair):
+    name, _, ours = model_pair
+    if name != "opt":
+        pytest.skip("encoder-decoder targets are the decoder's labels, handled by the LLM itself")
+    pixel_values, input_ids, attention_mask = prompts(text_length=6)
+    labels = input_ids.clone()  # placeholders included: the model must ignore them
+    labels[1, -2:] = -100
+    with torch.no_grad():
+        output = ours(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    targets = labels[:, 1:].masked_fill(input_ids[:, 1:] == IMAGE_TOKEN_ID, -100)
+    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-100)
+    assert (targets != -100).sum() == 2 * 6 - 2  # the first text token is predicted from the last image position
+    assert abs(output.loss.item() - expected.item()) <= 1e-6
+
+
+def tiny_stage2_config(text: str = "opt", **overrides) -> Blip2BridgeConfig:
+    return Blip2BridgeConfig(
+        vision_config=VISION_CONFIG,
+        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16),
+        text_config=TEXT_CONFIGS[text],
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_id=IMAGE_TOKEN_ID,
+        **overrides,
+    )
+
+
+def test_only_queries_qformer_and_projection_train_while_vision_and_llm_stay_frozen(tmp_path):
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config()).train()
+    model.save_pretrained(tmp_path)
+    for candidate in (model, Blip2BridgeForConditionalGeneration.from_pretrained(tmp_path).train()):
+        assert not candidate.vision_model.training  # the frozen encoder stays in eval mode
+        pixel_values, input_ids, attention_mask = prompts()
+        candidate(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+        parameters = dict(candidate.named_parameters())
+        frozen = [p for n, p in parameters.items() if n.startswith(("vision_model.", "language_model."))]
+        assert all(p.grad is None and not p.requires_grad for p in frozen)
+        trainable = ("query_tokens", "qformer.", "language_projection.")
+        trained = [p for n, p in parameters.items() if n.startswith(trainable)]
+        assert len(trained) > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_loading_keeps_the_stage1_vision_encoder_frozen(tmp_path):
+    from tests.tiny_models import tiny_model
+
+    tiny_model().save_pretrained(tmp_path)
+    loaded = Blip2BridgeModel.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+    assert loaded.query_tokens.requires_grad
+
+
+def test_freeze_language_model_false_trains_the_llm():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(freeze_language_model=False))
+    assert all(p.requires_grad for p in model.language_model.parameters())
+
+
+def test_stage2_carries_no_stage1_text_weights():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(text="t5"))
+    stage1_only = (
+        "word_embeddings", "position_embeddings", "text_feed_forward", "itm_head", "itg_head", "vision_proj",
+        "text_proj", "temp",
+    )  # fmt: skip
+    keys = [key for key in model.state_dict() if not key.startswith("language_model.")]
+    assert not [key for key in keys if any(part in key for part in stage1_only)]
+    assert model.config.qformer_config.use_text_input is False
+
+
+@pytest.mark.parametrize("text", sorted(TEXT_CONFIGS))
+def test_save_and_load_through_auto_class_gives_identical_outputs(tmp_path, text):
+    import modeling_blip2  # noqa: F401  (registers the Auto classes)
+
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(text)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is Blip2BridgeForConditionalGeneration
+    pixel_values, input_ids, attention_mask = prompts()
+    kwargs = decoder_inputs(text)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        actual = loaded(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    assert torch.equal(actual.logits, expected.logits)
+    assert loaded.generate(pixel_values=pixel_values, max_new_tokens=4).tolist() == (
+        model.generate(pixel_values=pixel_values, max_new_tokens=4).tolist()
+    )
+
+
+def test_transformers_checkpoint_resaved_by_us_loads_again(model_pair, tmp_path):
+    name, _, ours = model_pair
+    ours.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is Blip2BridgeForConditionalGeneration
+    pixel_values, input_ids, attention_mask = prompts()
+    with torch.no_grad():
+        expected = ours(pixel_values=pixel_values, input_ids=input_ids, **decoder_inputs(name)).logits
+        actual = loaded(pixel_values=pixel_values, input_ids=input_ids, **decoder_inputs(name)).logits
+    assert torch.equal(actual, expected)
+
+
+def test_wrong_placeholder_count_is_a_clear_error():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config())
+    pixel_values, input_ids, _ = prompts()
+    input_ids[1, 0] = 5
+    expected = r"rows hold \[4, 3\] image placeholder tokens \(id 98\); expected num_query_tokens=4"
+    with pytest.raises(ValueError, match=expected):
+        model(pixel_values=pixel_values, input_ids=input_ids)
+    with pytest.raises(ValueError, match=r"\[4, 3\] image placeholder"):
+        model.generate(pixel_values=pixel_values, input_ids=input_ids)
+
+
+def test_images_and_prompts_of_different_batch_sizes_are_a_clear_error():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config())
+    pixel_values, input_ids, _ = prompts(batch_size=3)
+    with pytest.raises(ValueError, match="input_ids has batch size 3 but there are 2 images"):
+        model(pixel_values=pixel_values[:2], input_ids=input_ids)
+    with pytest.raises(ValueError, match="input_ids has batch size 3 but there are 1 images"):
+        model.generate(image_features=model.get_image_features(pixel_values[:1]), input_ids=input_ids)
