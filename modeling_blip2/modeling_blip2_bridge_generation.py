@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Confi
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
+from .builders import BERT_HYPERPARAMETERS
 from .configuration import Blip2BridgeConfig
 from .modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
@@ -31,21 +32,8 @@ BLIP2_KEY_MAPPING = {
     _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
 }
 
-_QFORMER_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "initializer_range",
-    "layer_norm_eps",
-    "pad_token_id",
-    "cross_attention_frequency",
-)
+# BERT-style Q-Former sizes shared by transformers' Blip2QFormerConfig and ours.
+_QFORMER_FIELDS = ("vocab_size", *BERT_HYPERPARAMETERS, "cross_attention_frequency")
 
 
 def config_from_blip2(blip2_config: Blip2Config) -> Blip2BridgeConfig:
