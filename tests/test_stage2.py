@@ -6,19 +6,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, Blip2Config, Blip2ForConditionalGeneration
 
 from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeModel
+from tests.tiny_models import VISION_CONFIG
 
 VOCAB_SIZE = 99
 IMAGE_TOKEN_ID = VOCAB_SIZE - 1
 NUM_QUERY_TOKENS = 4
-VISION_CONFIG = dict(
-    model_type="blip_2_vision_model",
-    hidden_size=24,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=28,
-    patch_size=14,
-)
 QFORMER_CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
 TEXT_CONFIGS = {
     "opt": dict(
@@ -159,10 +151,10 @@ def test_precomputed_image_features_answer_three_questions_like_full_calls(model
             )
 
 
+# Encoder-decoder targets are the decoder's labels, which the LLM itself scores: only the decoder-only path is ours.
+@pytest.mark.parametrize("model_pair", ["opt"], indirect=True)
 def test_decoder_only_loss_is_cross_entropy_on_the_text_positions_only(model_pair):
     name, _, ours = model_pair
-    if name != "opt":
-        pytest.skip("encoder-decoder targets are the decoder's labels, handled by the LLM itself")
     pixel_values, input_ids, attention_mask = prompts(text_length=6)
     labels = input_ids.clone()  # placeholders included: the model must ignore them
     labels[1, -2:] = -100

@@ -9,18 +9,22 @@ DEC_ID = VOCAB_SIZE - 1
 CLS_ID, SEP_ID, PAD_ID = 2, 3, 0
 
 
+VISION_CONFIG = dict(
+    model_type="blip_2_vision_model",
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+    # Larger than the usual 0.02 so that different images give clearly different features.
+    initializer_range=0.2,
+)
+
+
 def tiny_config(**overrides) -> Blip2BridgeConfig:
     kwargs = dict(
-        vision_config=dict(
-            model_type="blip_2_vision_model",
-            hidden_size=24,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-            initializer_range=0.2,
-        ),
+        vision_config=VISION_CONFIG,
         qformer_config=dict(
             hidden_size=32,
             num_hidden_layers=4,
