@@ -148,6 +148,9 @@ def open_sample_image(image, sample_name: str = "image") -> PIL.Image.Image | np
         raise UnreadableSampleError(f"{sample_name} has no image", "missing file")
     if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
         raise UnreadableSampleError(f"{sample_name}: image file {image!s} does not exist", "missing file")
+    is_empty_file = isinstance(image, (str, os.PathLike)) and os.path.getsize(image) == 0
+    if is_empty_file or (isinstance(image, (bytes, bytearray)) and not image):
+        raise UnreadableSampleError(f"{sample_name}: the image file is empty (0 bytes)", "empty image")
     try:
         if isinstance(image, (str, os.PathLike)):
             image = PIL.Image.open(image)
