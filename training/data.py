@@ -143,7 +143,7 @@ def open_sample_image(image, sample_name: str = "image") -> PIL.Image.Image | np
     them). Raises `UnreadableSampleError` for a missing file, undecodable or truncated data and zero-size images.
     """
     if isinstance(image, Mapping):  # datasets.Image(decode=False)
-        image = image.get("bytes") or image.get("path")
+        image = image["bytes"] if image.get("bytes") is not None else image.get("path")
     if image is None:
         raise UnreadableSampleError(f"{sample_name} has no image", "missing file")
     if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
