@@ -117,3 +117,43 @@ def test_missing_data_source_is_a_one_line_error(tmp_path, capsys):
     code = main(["train", "--stage", "1", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o")])
     assert code == 1
     assert "give exactly one data source" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsys):
+    from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration
+    from modeling_blip2.training.collators import image_token_id
+    from tests.test_data_collators import make_llm_tokenizer
+    from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
+
+    model_dir, output_dir = tmp_path / "tiny-stage2", tmp_path / "trained"
+    tokenizer = make_llm_tokenizer()
+    config = Blip2BridgeConfig(
+        vision_config=VISION_CONFIG,
+        qformer_config=QFORMER_CONFIG,
+        text_config=TEXT_CONFIGS["opt"],
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_id=image_token_id(tokenizer),
+    )
+    torch.manual_seed(0)
+    initial = Blip2BridgeForConditionalGeneration(config)
+    initial.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    Blip2BridgeImageProcessor(size={"height": 28, "width": 28}).save_pretrained(model_dir)
+    annotation_file = write_coco_folder(tmp_path / "coco")
+
+    arguments = [
+        "train", "--stage", "2", "--model_name_or_path", str(model_dir), "--annotation_files", str(annotation_file),
+        "--image_root", str(tmp_path / "coco" / "images"), "--prompt", "a photo of", "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+    ]
+    assert main(arguments) == 0
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert (summary["stage"], summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 2, 7, 1)
+    assert "Stage-2 training done: 2 steps, 7 samples" in capsys.readouterr().out
+
+    trained = Blip2BridgeForConditionalGeneration.from_pretrained(output_dir).state_dict()
+    frozen = [name for name in trained if name.startswith(("language_model.", "vision_model."))]
+    assert frozen and all(torch.equal(trained[name], initial.state_dict()[name]) for name in frozen)
+    assert not torch.equal(trained["language_projection.weight"], initial.state_dict()["language_projection.weight"])
