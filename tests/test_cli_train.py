@@ -56,21 +56,25 @@ def test_stage1_training_from_a_config_file_writes_a_loadable_model_and_its_summ
     initial = write_tiny_model(model_dir)
     annotation_file = write_coco_folder(tmp_path / "coco")
     config_file = tmp_path / "stage1.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "stage": 1,
-        "model_name_or_path": str(model_dir),
-        "annotation_files": [str(annotation_file)],
-        "image_root": str(tmp_path / "coco" / "images"),
-        "use_image_ids": True,
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 4,
-        "max_steps": 100,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "report_to": "none",
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "stage": 1,
+                "model_name_or_path": str(model_dir),
+                "annotation_files": [str(annotation_file)],
+                "image_root": str(tmp_path / "coco" / "images"),
+                "use_image_ids": True,
+                "output_dir": str(output_dir),
+                "per_device_train_batch_size": 4,
+                "max_steps": 100,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "use_cpu": True,
+                "report_to": "none",
+            }
+        )
+    )
 
     # the flag after the file overrides its max_steps
     assert main(["train", str(config_file), "--max_steps", "2"]) == 0
@@ -93,7 +97,11 @@ def test_stage1_training_from_a_config_file_writes_a_loadable_model_and_its_summ
     assert isinstance(trained, Blip2BridgeModel)
     trained_weights, initial_weights = trained.state_dict(), initial.state_dict()
     # the frozen vision encoder is bit-identical; the Q-Former moved
-    assert all(torch.equal(trained_weights[name], initial_weights[name]) for name in initial_weights if name.startswith("vision_model."))
+    assert all(
+        torch.equal(trained_weights[name], initial_weights[name])
+        for name in initial_weights
+        if name.startswith("vision_model.")
+    )
     assert not torch.equal(trained_weights["query_tokens"], initial_weights["query_tokens"])
     assert Blip2BridgeImageProcessor.from_pretrained(output_dir).size == {"height": 28, "width": 28}
 
@@ -143,10 +151,32 @@ def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsy
     annotation_file = write_coco_folder(tmp_path / "coco")
 
     arguments = [
-        "train", "--stage", "2", "--model_name_or_path", str(model_dir), "--annotation_files", str(annotation_file),
-        "--image_root", str(tmp_path / "coco" / "images"), "--prompt", "a photo of", "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
-        "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+        "train",
+        "--stage",
+        "2",
+        "--model_name_or_path",
+        str(model_dir),
+        "--annotation_files",
+        str(annotation_file),
+        "--image_root",
+        str(tmp_path / "coco" / "images"),
+        "--prompt",
+        "a photo of",
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--report_to",
+        "none",
     ]
     assert main(arguments) == 0
     summary = json.loads((output_dir / "train_summary.json").read_text())

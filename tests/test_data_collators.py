@@ -20,8 +20,29 @@ from modeling_blip2.training.data import SkippedSamples
 from tests.helpers import make_bert_tokenizer
 
 
-LLM_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "a", "photo", "of", "dog", "runs", "cat", "Question:", "Answer:",
-              "what", "is", "this?", "yes", "red", "describe", "the", "image", "\n"]
+LLM_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "a",
+    "photo",
+    "of",
+    "dog",
+    "runs",
+    "cat",
+    "Question:",
+    "Answer:",
+    "what",
+    "is",
+    "this?",
+    "yes",
+    "red",
+    "describe",
+    "the",
+    "image",
+    "\n",
+]
 PAD, BOS, EOS = 0, 1, 2
 ID = {token: index for index, token in enumerate(LLM_TOKENS)}
 IMAGE = len(LLM_TOKENS)  # "<image>", added by the collator
@@ -107,7 +128,10 @@ def test_vqa_labels_only_the_answer_and_picks_the_most_frequent_answer(image_pro
 
 def test_encoder_decoder_sends_the_prompt_to_the_encoder_and_the_caption_to_the_labels(image_processor):
     collator = CaptionLMCollator(
-        image_processor, make_llm_tokenizer(encoder_decoder=True), NUM_QUERY_TOKENS, is_encoder_decoder=True,
+        image_processor,
+        make_llm_tokenizer(encoder_decoder=True),
+        NUM_QUERY_TOKENS,
+        is_encoder_decoder=True,
         prompt="a photo of",
     )
     batch = collator([{"image": image(0), "caption": "a dog runs"}, {"image": image(1), "caption": "cat"}])
@@ -133,8 +157,12 @@ def test_encoder_decoder_vqa_and_instructions(image_processor):
 def test_prefix_lm_splits_captions_at_a_seeded_random_word(image_processor):
     def collate(seed):
         collator = CaptionLMCollator(
-            image_processor, make_llm_tokenizer(encoder_decoder=True), NUM_QUERY_TOKENS, is_encoder_decoder=True,
-            split_captions=True, generator=torch.Generator().manual_seed(seed),
+            image_processor,
+            make_llm_tokenizer(encoder_decoder=True),
+            NUM_QUERY_TOKENS,
+            is_encoder_decoder=True,
+            split_captions=True,
+            generator=torch.Generator().manual_seed(seed),
         )
         return [collator([{"image": image(0), "caption": "a photo of a dog"}]) for _ in range(40)]
 
@@ -206,17 +234,19 @@ def test_unreadable_samples_are_dropped_from_the_batch_and_counted(tmp_path, ima
     assert batch["pixel_values"].shape == (5, 3, 14, 14)
     assert torch.equal(batch["input_ids"], expected["input_ids"])
     torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"])
-    assert collator.skipped.counts == {"missing file": 1, "corrupt image": 2, "empty image": 2, "bad caption": 1}
+    assert collator.skipped.counts == {"missing file": 1, "corrupt image": 2, "empty image": 2, "bad text": 1}
     assert (collator.skipped.total, collator.skipped.used) == (6, 5)
     assert collator.skipped.summary() == (
-        "6 skipped (1 missing file, 2 corrupt image, 2 empty image, 1 bad caption), 5 used"
+        "6 skipped (1 missing file, 2 corrupt image, 2 empty image, 1 bad text), 5 used"
     )
     warned = caplog.text
     for name in ("truncated.jpg", "missing.jpg", "empty.png", "text.jpg", "batch[5]"):
         assert f"skipped sample {tmp_path / name if name != 'batch[5]' else name}" in warned
 
 
-def test_stage2_collator_skips_too_and_a_fully_unreadable_batch_repeats_the_last_readable_sample(tmp_path, image_processor):
+def test_stage2_collator_skips_too_and_a_fully_unreadable_batch_repeats_the_last_readable_sample(
+    tmp_path, image_processor
+):
     samples = write_broken_files(tmp_path)
     skipped = SkippedSamples()
     collator = CaptionLMCollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS, skipped=skipped)
@@ -227,7 +257,7 @@ def test_stage2_collator_skips_too_and_a_fully_unreadable_batch_repeats_the_last
     assert torch.equal(repeated["input_ids"], first["input_ids"][1:])
     assert torch.equal(repeated["pixel_values"], first["pixel_values"][1:])
     # first call: truncated + missing; third: truncated, missing, 0-byte file, text file, 0x5 array
-    assert skipped.counts == {"missing file": 2, "corrupt image": 3, "empty image": 2, "bad caption": 0}
+    assert skipped.counts == {"missing file": 2, "corrupt image": 3, "empty image": 2, "bad text": 0}
     assert skipped.used == 3
 
 
@@ -239,8 +269,11 @@ def test_stage2_batches_train_the_model_on_exactly_the_labelled_tokens(text):
     is_encoder_decoder = text == "t5"
     tokenizer = make_llm_tokenizer(encoder_decoder=is_encoder_decoder)
     collator = CaptionLMCollator(
-        Blip2BridgeImageProcessor(size={"height": 28, "width": 28}), tokenizer, MODEL_QUERY_TOKENS,
-        is_encoder_decoder=is_encoder_decoder, prompt="a photo of",
+        Blip2BridgeImageProcessor(size={"height": 28, "width": 28}),
+        tokenizer,
+        MODEL_QUERY_TOKENS,
+        is_encoder_decoder=is_encoder_decoder,
+        prompt="a photo of",
     )
     batch = collator([{"image": image(0), "caption": "a dog runs"}, {"image": image(1), "caption": "cat"}])
     torch.manual_seed(0)

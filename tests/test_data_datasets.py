@@ -34,11 +34,15 @@ def write_coco_folder(root, broken: bool = True):
     """Three images with five captions; with `broken`, image 2 is a truncated JPEG and image 3's file is missing."""
     (root / "images").mkdir()
     (root / "images" / "a.jpg").write_bytes(jpeg_bytes(0))
-    (root / "images" / "b.jpg").write_bytes(jpeg_bytes(1)[: 200] if broken else jpeg_bytes(1))
+    (root / "images" / "b.jpg").write_bytes(jpeg_bytes(1)[:200] if broken else jpeg_bytes(1))
     if not broken:
         (root / "images" / "c.jpg").write_bytes(jpeg_bytes(2))
     annotations = {
-        "images": [{"id": 11, "file_name": "a.jpg"}, {"id": 22, "file_name": "b.jpg"}, {"id": 33, "file_name": "c.jpg"}],
+        "images": [
+            {"id": 11, "file_name": "a.jpg"},
+            {"id": 22, "file_name": "b.jpg"},
+            {"id": 33, "file_name": "c.jpg"},
+        ],
         "annotations": [
             {"image_id": 11, "id": 1, "caption": "A dog runs."},
             {"image_id": 22, "id": 2, "caption": "A cat sleeps"},
@@ -59,7 +63,9 @@ def processor():
 
 def test_coco_style_json_gives_one_row_per_caption(tmp_path):
     dataset = load_coco_captions(write_coco_folder(tmp_path), tmp_path / "images")
-    assert dataset["image"] == [str(tmp_path / "images" / name) for name in ("a.jpg", "b.jpg", "a.jpg", "c.jpg", "a.jpg")]
+    assert dataset["image"] == [
+        str(tmp_path / "images" / name) for name in ("a.jpg", "b.jpg", "a.jpg", "c.jpg", "a.jpg")
+    ]
     assert dataset["caption"] == ["A dog runs.", "A cat sleeps", "a brown dog", "a red car", "dog on grass"]
     assert dataset["image_id"] == [11, 22, 11, 33, 11]
 
@@ -71,7 +77,7 @@ def test_map_style_skips_are_counted_across_dataloader_workers(tmp_path, process
     batches = list(loader)
     # batches of rows (0, 1), (2, 3), (4): row 1 is truncated, row 3 missing
     assert [batch["image_ids"].tolist() for batch in batches] == [[11], [11], [11]]
-    assert collator.skipped.counts == {"missing file": 1, "corrupt image": 1, "empty image": 0, "bad caption": 0}
+    assert collator.skipped.counts == {"missing file": 1, "corrupt image": 1, "empty image": 0, "bad text": 0}
     assert collator.skipped.used == 3
 
 
@@ -82,7 +88,7 @@ def test_with_transform_decodes_and_drops_unreadable_rows(tmp_path):
     rows = decoded[0:5]
     assert rows["caption"] == ["A dog runs.", "a brown dog", "dog on grass"]
     assert all(isinstance(image, PIL.Image.Image) and image.size == (20, 16) for image in rows["image"])
-    assert decode.skipped.counts == {"missing file": 1, "corrupt image": 1, "empty image": 0, "bad caption": 0}
+    assert decode.skipped.counts == {"missing file": 1, "corrupt image": 1, "empty image": 0, "bad text": 0}
 
 
 def test_lavis_style_json_flattens_caption_lists_and_numbers_image_ids(tmp_path):
@@ -117,7 +123,10 @@ def test_image_folder_with_text_files_and_with_metadata_jsonl(tmp_path):
     (with_metadata / "sub").mkdir(parents=True)
     (with_metadata / "sub" / "x.jpg").write_bytes(jpeg_bytes(2))
     (with_metadata / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "sub/x.jpg", "text": "an x"}) + "\n" + json.dumps({"file_name": "y.jpg", "caption": "a y"}) + "\n"
+        json.dumps({"file_name": "sub/x.jpg", "text": "an x"})
+        + "\n"
+        + json.dumps({"file_name": "y.jpg", "caption": "a y"})
+        + "\n"
     )
     dataset = load_image_folder(with_metadata)
     assert dataset["image"] == [str(with_metadata / "sub" / "x.jpg"), str(with_metadata / "y.jpg")]
@@ -138,18 +147,24 @@ def write_shards(folder):
     cmyk = io.BytesIO()
     PIL.Image.new("CMYK", (20, 16), (0, 50, 100, 0)).save(cmyk, format="JPEG")
     text = lambda caption: caption.encode()  # noqa: E731
-    write_shard(folder / "shard-000.tar", [
-        ("s000", {"jpg": jpeg_bytes(0), "txt": text("a dog runs")}),
-        ("s001", {"jpg": jpeg_bytes(1)[:150], "txt": text("truncated")}),
-        ("s002", {"jpg": jpeg_bytes(2), "txt": text("a cat")}),
-        ("s003", {"jpg": b"", "txt": text("zero bytes")}),
-    ])
-    write_shard(folder / "shard-001.tar", [
-        ("s100", {"jpg": b"<html>not an image</html>", "txt": text("html")}),
-        ("s101", {"jpg": cmyk.getvalue(), "txt": text("cmyk")}),
-        ("s102", {"jpg": jpeg_bytes(3), "txt": text("a bird")}),
-        ("s103", {"jpg": jpeg_bytes(4), "txt": text("a car")}),
-    ])
+    write_shard(
+        folder / "shard-000.tar",
+        [
+            ("s000", {"jpg": jpeg_bytes(0), "txt": text("a dog runs")}),
+            ("s001", {"jpg": jpeg_bytes(1)[:150], "txt": text("truncated")}),
+            ("s002", {"jpg": jpeg_bytes(2), "txt": text("a cat")}),
+            ("s003", {"jpg": b"", "txt": text("zero bytes")}),
+        ],
+    )
+    write_shard(
+        folder / "shard-001.tar",
+        [
+            ("s100", {"jpg": b"<html>not an image</html>", "txt": text("html")}),
+            ("s101", {"jpg": cmyk.getvalue(), "txt": text("cmyk")}),
+            ("s102", {"jpg": jpeg_bytes(3), "txt": text("a bird")}),
+            ("s103", {"jpg": jpeg_bytes(4), "txt": text("a car")}),
+        ],
+    )
     return [str(folder / "shard-000.tar"), str(folder / "shard-001.tar")]
 
 
@@ -160,7 +175,7 @@ def test_streaming_shards_skip_unreadable_samples_in_the_collator(tmp_path, proc
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collator)
     batches = list(loader)
     assert [len(batch["input_ids"]) for batch in batches] == [2, 3]
-    assert collator.skipped.counts == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad caption": 0}
+    assert collator.skipped.counts == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad text": 0}
     assert collator.skipped.used == 5
     assert "skipped sample s001.jpg (corrupt image)" in caplog.text
     assert "skipped sample s003.jpg (empty image)" in caplog.text
@@ -175,7 +190,7 @@ def test_streaming_shards_decoded_by_map_drop_unreadable_rows(tmp_path):
     assert [row["caption"] for row in rows] == ["a dog runs", "a cat", "cmyk", "a bird", "a car"]
     assert [row["__key__"] for row in rows] == ["s000", "s002", "s101", "s102", "s103"]
     assert rows[2]["image"].mode == "CMYK"  # kept: the image processor converts it
-    assert skipped.counts == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad caption": 0}
+    assert skipped.counts == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad text": 0}
 
 
 def test_bad_annotation_files_are_clear_errors(tmp_path):

@@ -42,12 +42,20 @@ SUMMARY_FILE = "train_summary.json"
 
 @dataclass
 class ModelArguments:
-    stage: int = field(default=1, metadata={"help": "1: Q-Former representation learning (ITC + ITM + ITG); "
-                                                    "2: generative learning through a frozen LLM", "choices": [1, 2]})
+    stage: int = field(
+        default=1,
+        metadata={
+            "help": "1: Q-Former representation learning (ITC + ITM + ITG); "
+            "2: generative learning through a frozen LLM",
+            "choices": [1, 2],
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "a blip2-bridge model to continue from: a stage-1 model for --stage 1, a stage-2 model for "
-                          "--stage 2 (a folder or hub id)"},
+        metadata={
+            "help": "a blip2-bridge model to continue from: a stage-1 model for --stage 1, a stage-2 model for "
+            "--stage 2 (a folder or hub id)"
+        },
     )
     vision_model_name_or_path: str | None = field(
         default=None, metadata={"help": "stage 1 from scratch: the frozen vision encoder (e.g. a CLIP model)"}
@@ -61,8 +69,10 @@ class ModelArguments:
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "stage 1: the Q-Former's tokenizer; stage 2: the LLM's. Default: the model's folder, else "
-                          "the BERT (stage 1) or LLM (stage 2) path"},
+        metadata={
+            "help": "stage 1: the Q-Former's tokenizer; stage 2: the LLM's. Default: the model's folder, else "
+            "the BERT (stage 1) or LLM (stage 2) path"
+        },
     )
     num_query_tokens: int = field(default=32, metadata={"help": "queries of a Q-Former built from scratch"})
     vision_feature_layer: int = field(
@@ -74,8 +84,11 @@ class ModelArguments:
 class DataArguments:
     annotation_files: list[str] = field(
         default_factory=list,
-        metadata={"help": "COCO-style ({'images', 'annotations'}) or LAVIS-style (list of {'image', 'caption'}) "
-                          "JSON files; the kind is read from each file", "nargs": "+"},
+        metadata={
+            "help": "COCO-style ({'images', 'annotations'}) or LAVIS-style (list of {'image', 'caption'}) "
+            "JSON files; the kind is read from each file",
+            "nargs": "+",
+        },
     )
     image_root: str | None = field(default=None, metadata={"help": "the folder the annotation files' paths start in"})
     image_folder: str | None = field(
@@ -157,8 +170,9 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         return model, tokenizer
 
     if model_args.model_name_or_path is None:
-        raise ValueError("stage 2 needs --model_name_or_path: a stage-2 model, or a stage-1 model with "
-                         "--language_model_name_or_path")
+        raise ValueError(
+            "stage 2 needs --model_name_or_path: a stage-2 model, or a stage-1 model with --language_model_name_or_path"
+        )
     if model_args.language_model_name_or_path is None:
         model = Blip2BridgeForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)

@@ -90,7 +90,9 @@ class ImageCollator:
                 raise ValueError(
                     f"every sample of the first batch ({len(samples)}) was unreadable: {self.skipped.summary()}"
                 )
-            logger.warning("every sample of a batch of %d was unreadable; repeating the last readable one", len(samples))
+            logger.warning(
+                "every sample of a batch of %d was unreadable; repeating the last readable one", len(samples)
+            )
             kept_samples, texts, pixel_values = self._last_good_sample
         self._last_good_sample = (kept_samples[-1:], texts[-1:], pixel_values[-1:])
         self.skipped.add_used(len(kept_samples))
@@ -116,14 +118,16 @@ class ImageCollator:
 def sample_text(sample: Mapping, column: str, name: str = "text") -> str:
     text = sample.get(column)
     if not isinstance(text, str) or not text.strip():
-        raise UnreadableSampleError(f"{name} column {column!r} holds {text!r}; expected a non-empty string", "bad caption")
+        raise UnreadableSampleError(
+            f"{name} column {column!r} holds {text!r}; expected a non-empty string", "bad text"
+        )
     return text
 
 
 def clean_caption(sample: Mapping, column: str, max_words: int) -> str:
     caption = pre_caption(sample_text(sample, column, "caption"), max_words)
     if not caption:
-        raise UnreadableSampleError(f"caption {sample[column]!r} is empty after cleaning", "bad caption")
+        raise UnreadableSampleError(f"caption {sample[column]!r} is empty after cleaning", "bad text")
     return caption
 
 
@@ -256,7 +260,9 @@ class LanguageModelingCollator(ImageCollator):
         self.is_encoder_decoder = is_encoder_decoder
         self.max_length = max_length
         self.end_of_text_ids = (
-            [tokenizer.eos_token_id] if end_of_text is None else tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
+            [tokenizer.eos_token_id]
+            if end_of_text is None
+            else tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
         )
         image_token_id(tokenizer)  # adds "<image>" now, not in a DataLoader worker
 
@@ -281,7 +287,8 @@ class LanguageModelingCollator(ImageCollator):
 
     def encode_encoder_decoder(self, prompts, targets):
         encoder_ids = [
-            self.truncate(ids, self.num_query_tokens) for ids in image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
+            self.truncate(ids, self.num_query_tokens)
+            for ids in image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
         ]
         target_ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
         labels = [self.end_text(ids, 0) for ids in target_ids]
@@ -340,7 +347,9 @@ class CaptionLMCollator(LanguageModelingCollator):
     ):
         super().__init__(image_processor, tokenizer, num_query_tokens, is_encoder_decoder, **kwargs)
         if split_captions and not is_encoder_decoder:
-            raise ValueError("split_captions is for encoder-decoder LLMs (prefix LM); a decoder-only LLM reads the whole caption")
+            raise ValueError(
+                "split_captions is for encoder-decoder LLMs (prefix LM); a decoder-only LLM reads the whole caption"
+            )
         self.prompt = prompt
         self.split_captions = split_captions
         self.generator = generator
@@ -392,7 +401,7 @@ class VQACollator(LanguageModelingCollator):
             raise UnreadableSampleError(
                 f"answer column {self.answer_column!r} holds {sample.get(self.answer_column)!r}; expected a non-empty "
                 "string or a list of them",
-                "bad caption",
+                "bad text",
             )
         return self.prompt.format(question), answer.strip()
 
@@ -417,7 +426,9 @@ class InstructionCollator(LanguageModelingCollator):
     def prepare_text(self, sample):
         prompt = sample.get(self.prompt_column)
         if not isinstance(prompt, str):
-            raise UnreadableSampleError(f"prompt column {self.prompt_column!r} holds {prompt!r}; expected a string", "bad caption")
+            raise UnreadableSampleError(
+                f"prompt column {self.prompt_column!r} holds {prompt!r}; expected a string", "bad text"
+            )
         return prompt, sample_text(sample, self.response_column, "response").strip()
 
 

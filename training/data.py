@@ -91,7 +91,7 @@ class SkippedSamples:
     transforms of this package create theirs) sees the samples skipped in every worker.
     """
 
-    REASONS = ("missing file", "corrupt image", "empty image", "bad caption")
+    REASONS = ("missing file", "corrupt image", "empty image", "bad text")
 
     def __init__(self, max_warnings: int = 20):
         # A fork-safe array of int64, one per reason, plus the number of samples that were used.

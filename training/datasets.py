@@ -1,4 +1,4 @@
-"""Image-caption datasets from the layouts BLIP-2's data comes in, as `datasets` datasets of `{"image", "caption", ...}`.
+"""Image-caption datasets from the layouts BLIP-2's data comes in, as `datasets` datasets of {image, caption, ...}.
 
 Map-style loaders (COCO-style and LAVIS-style JSON, image folders) hold one row per caption with the image's path, not
 its pixels: images are opened when a batch is collated (or by `DecodeImages`), so an unreadable file is skipped and
@@ -42,7 +42,11 @@ def load_coco_captions(annotation_file: str | os.PathLike, image_root: str | os.
             )
         image_id = annotation["image_id"]
         rows.append(
-            {"image": os.path.join(image_root, file_names[image_id]), "caption": annotation.get("caption"), "image_id": image_id}
+            {
+                "image": os.path.join(image_root, file_names[image_id]),
+                "caption": annotation.get("caption"),
+                "image_id": image_id,
+            }
         )
     return dataset_from_rows(rows, annotation_file)
 
@@ -74,7 +78,9 @@ def load_lavis_annotations(
             image_id = image_ids.setdefault(key, len(image_ids))
             captions = annotation.get("caption")
             for caption in captions if isinstance(captions, list) else [captions]:
-                rows.append({"image": os.path.join(image_root, annotation["image"]), "caption": caption, "image_id": image_id})
+                rows.append(
+                    {"image": os.path.join(image_root, annotation["image"]), "caption": caption, "image_id": image_id}
+                )
     return dataset_from_rows(rows, annotation_files[0] if annotation_files else "annotation_files")
 
 
