@@ -187,3 +187,23 @@ def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsy
     frozen = [name for name in trained if name.startswith(("language_model.", "vision_model."))]
     assert frozen and all(torch.equal(trained[name], initial.state_dict()[name]) for name in frozen)
     assert not torch.equal(trained["language_projection.weight"], initial.state_dict()["language_projection.weight"])
+
+
+@pytest.mark.slow
+def test_stage1_training_streams_webdataset_shards(tmp_path, capsys):
+    from tests.test_data_datasets import write_shards
+
+    model_dir, output_dir = tmp_path / "tiny-model", tmp_path / "trained"
+    write_tiny_model(model_dir)
+    shards = write_shards(tmp_path)
+    arguments = [
+        "train", "--stage", "1", "--model_name_or_path", str(model_dir), "--shards", *shards,
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    # the eight samples in order, four per batch: (2 readable, 2 not), (3 readable, 1 not)
+    assert (summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 5, 3)
+    assert summary["skipped_by_reason"] == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad text": 0}
+    assert isinstance(AutoModel.from_pretrained(output_dir), Blip2BridgeModel)

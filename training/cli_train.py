@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import torch
 import yaml
 from transformers import (
     AutoTokenizer,
@@ -222,8 +224,6 @@ def load_train_dataset(data_args: DataArguments):
     else:
         if data_args.image_root is None:
             raise ValueError("--annotation_files needs --image_root, the folder their image paths start in")
-        import datasets
-
         parts = [load_annotation_file(path, data_args.image_root) for path in data_args.annotation_files]
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return dataset.to_iterable_dataset() if data_args.streaming else dataset
@@ -305,12 +305,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(training_args.output_dir)
 
+    # Each process counts the samples it collated; the summary adds up all processes.
+    counts = torch.tensor([skipped.used, *skipped.counts.values()], device=trainer.accelerator.device)
+    counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
     summary = {
         "stage": model_args.stage,
         "steps": trainer.state.global_step,
-        "samples": skipped.used,
-        "skipped_samples": skipped.total,
-        "skipped_by_reason": skipped.counts,
+        "samples": counts[0],
+        "skipped_samples": sum(counts[1:]),
+        "skipped_by_reason": dict(zip(skipped.counts, counts[1:])),
         "final_losses": final_losses(trainer.state.log_history),
         "mean_train_loss": result.training_loss,
         "output_dir": str(Path(training_args.output_dir).resolve()),
