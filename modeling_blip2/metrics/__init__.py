@@ -1,7 +1,7 @@
 """Benchmark metrics as `evaluate.Metric`s. Each module here is also a self-contained metric script that
 `evaluate.load(<path to the .py file>)` can load offline."""
 
-# from .caption_metrics import CaptionMetrics
+from .caption_metrics import CaptionMetrics
 from .retrieval_recall import RetrievalRecall
 from .vqa_accuracy import VQAAccuracy
 
