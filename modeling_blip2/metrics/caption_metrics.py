@@ -12,7 +12,7 @@ import datasets
 import evaluate
 
 from .coco_caption_scorers import bleu, cider_d, rouge_l
-from .ptb_tokenizer import ptb_tokenize
+from .ptb_tokenizer import ptb_tokenize_captions
 
 
 _DESCRIPTION = """\
@@ -114,8 +114,13 @@ class CaptionMetrics(evaluate.Metric):
         for index, refs in enumerate(references):
             if len(refs) == 0:
                 raise ValueError(f"references[{index}] is empty; expected at least one reference caption per image.")
-        tokenized_predictions = [ptb_tokenize(prediction) for prediction in predictions]
-        tokenized_references = [[ptb_tokenize(ref) for ref in refs] for refs in references]
+        # Tokenised as the toolkit does: all references in one stream, all predictions in another.
+        tokenized_predictions = ptb_tokenize_captions(list(predictions))
+        flat_references = ptb_tokenize_captions([ref for refs in references for ref in refs])
+        tokenized_references, start = [], 0
+        for refs in references:
+            tokenized_references.append(flat_references[start : start + len(refs)])
+            start += len(refs)
 
         bleu_scores = bleu(tokenized_predictions, tokenized_references)
         result = {f"Bleu_{k + 1}": float(score) for k, score in enumerate(bleu_scores)}

@@ -90,9 +90,17 @@ def _currency(text, before, after):
     return [_CURRENCY.get(text, text)]
 
 
+# A single letter and its period split only before one of these capitalised sentence starters (found by probing the
+# Java lexer: "x a. The y" gives "a .", "x a. Bob y" gives "a.").
+_SENTENCE_STARTERS = re.compile(
+    "[ \t\u00a0\n]+(?:A|A(?i:n|s|t|bout|fter)|B(?i:ut)|H(?i:e|er|ere|owever)|I(?i:f|n|t)|L(?i:ast)|M(?i:any|ore)"
+    "|N(?i:ow)|O(?i:ne|ur|nce|ther)|S(?i:he|o|ome|ince|uch)|T(?i:hat|he|heir|here|hese|hey|his|hen)|W(?i:e|hat|hen"
+    "|hile)|Y(?i:ou|et))(?=\\s|$)"
+)
+
+
 def _single_letter_abbreviation(text, before, after):
-    # "A. The" ends a sentence: the period splits off. Before anything else (or at the end of the line) "a." stays.
-    return [text[:-1], "."] if re.match(_SPACE + "+[A-Z]", after) else [text]
+    return [text[:-1], "."] if _SENTENCE_STARTERS.match(after) else [text]
 
 
 # (name, pattern, trailing context or None, action), in the lexer's priority order for equally long matches.
@@ -113,13 +121,13 @@ _RULES = [
         _word,
     ),
     ("apoword2", "[yY]" + _APOS, None, _word),
-    ("url", r"(?i:https?)://[^ \t\"<>|()]+[^ \t\"<>|.!?(){},-]", None, _word),
-    ("email", r"[a-zA-Z0-9][^ \t\"<>|()\u00a0{}]*@(?:[^ \t\"<>|(){}.\u00a0]+\.)*[^ \t\"<>|(){}\[\].,;:\u00a0]+", None, _word),
+    ("url", r"(?i:https?)://[^\s\"<>|()]+[^\s\"<>|.!?(){},-]", None, _word),
+    ("email", r"[a-zA-Z0-9][^\s\"<>|(){}]*@(?:[^\s\"<>|(){}.]+\.)*[^\s\"<>|(){}\[\].,;:]+", None, _word),
     ("twitter", r"@[a-zA-Z_][a-zA-Z_0-9]*|#" + _LETTER + "(?:" + _ALNUM + ")*", None, _word),
     ("acronym", r"[A-Za-z](?:\.[A-Za-z])+\.", None, _word),
     ("abbreviation", _ABBREVIATIONS, None, _word),
     ("number_abbreviation", r"(?i:no)\.", r"[ \t]*\d", _word),
-    ("letter_abbreviation", r"[A-Za-z]\.", r"(?:" + _SPACE + "|$)", _single_letter_abbreviation),
+    ("letter_abbreviation", r"[A-Za-z]\.", None, _single_letter_abbreviation),
     ("fraction_character", "[" + "".join(_FRACTION_CHARACTERS) + "]", None, lambda t, b, a: [_FRACTION_CHARACTERS[t]]),
     ("sgml", r"</?[A-Za-z!][^>\s]*>", None, _word),
     ("word", _LETTER + "(?:" + _ALNUM + ")*(?:[.!?]" + _LETTER + "(?:" + _ALNUM + ")*)*", None, _word),
@@ -152,36 +160,51 @@ _COMPILED = [
 _SPACES = re.compile(r"[^\S\n]+")
 
 
-def _tokenize_line(line: str) -> list:
-    tokens = []
+def _tokenize_lines(text: str) -> list:
+    """Token lists of the lines of `text`. Lines are tokenised as one stream, as the toolkit hands all captions to
+    Java in one file: the end of a caption can depend on how the next one starts."""
+    lines = [[]]
     position = 0
-    while position < len(line):
-        spaces = _SPACES.match(line, position)
+    while position < len(text):
+        if text[position] == "\n":
+            lines.append([])
+            position += 1
+            continue
+        spaces = _SPACES.match(text, position)
         if spaces:
             position = spaces.end()
             continue
         best_length, best = 0, None
         for pattern, trailing, action in _COMPILED:
-            match = pattern.match(line, position)
+            match = pattern.match(text, position)
             if match is None or match.end() == position:
                 continue
             length = match.end() - position
             if trailing is not None:
-                context = trailing.match(line, match.end())
+                context = trailing.match(text, match.end())
                 if context is None:
                     continue
                 length += context.end() - match.end()
             if length > best_length:
                 best_length, best = length, (match.end(), action)
         end, action = best
-        text = line[position:end]
-        tokens.extend(action(text, line[position - 1] if position else "", line[end:]))
+        before = text[position - 1] if position else ""
+        lines[-1].extend(action(text[position:end], " " if before == "\n" else before, text[end:]))
         position = end
-    return tokens
+    return lines
+
+
+def ptb_tokenize_captions(captions: list) -> list:
+    """The captions as the toolkit's PTBTokenizer.tokenize returns them, in the same order: lower-cased tokens joined
+    by single spaces, punctuation tokens removed. Pass the captions in the order the toolkit would write them (all
+    references image by image, or all predictions), since a caption's last token can depend on the next caption."""
+    text = "\n".join(caption.replace("\n", " ") for caption in captions)
+    return [
+        " ".join(token.lower() for token in tokens if token.lower() not in PUNCTUATIONS)
+        for tokens in _tokenize_lines(text)
+    ]
 
 
 def ptb_tokenize(caption: str) -> str:
-    """One caption as the toolkit's PTBTokenizer.tokenize returns it: lower-cased tokens joined by single spaces,
-    punctuation tokens removed."""
-    tokens = _tokenize_line(caption.replace("\n", " "))
-    return " ".join(token.lower() for token in tokens if token.lower() not in PUNCTUATIONS)
+    """One caption tokenised on its own (as the toolkit would if it were the last or only caption)."""
+    return ptb_tokenize_captions([caption])[0]
