@@ -31,6 +31,18 @@ AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
+# The metrics import evaluate and datasets (seconds), which using the model never needs: load them on first access.
+_METRICS = ("CaptionMetrics", "RetrievalRecall", "VQAAccuracy")
+
+
+def __getattr__(name):
+    if name in _METRICS:
+        from . import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Blip2BridgeConfig",
     "Blip2BridgeForConditionalGeneration",
@@ -42,5 +54,8 @@ __all__ = [
     "Blip2BridgeProcessor",
     "Blip2BridgeQFormerConfig",
     "Blip2BridgeQFormerModel",
+    "CaptionMetrics",
+    "RetrievalRecall",
+    "VQAAccuracy",
     "build_stage1_model",
 ]
