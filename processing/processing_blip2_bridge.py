@@ -41,6 +41,10 @@ class Blip2BridgeProcessor(ProcessorMixin):
             none is set by default.
     """
 
+    # A saved processor carries this file and its `auto_map` (the file imports nothing from blip2-bridge), so that
+    # AutoProcessor loads it with trust_remote_code=True where blip2-bridge is not installed.
+    _auto_class = "AutoProcessor"
+
     def __init__(self, image_processor, tokenizer, num_query_tokens: int | None = None, chat_template=None, **kwargs):
         if num_query_tokens is None:
             if tokenizer.cls_token is None:
