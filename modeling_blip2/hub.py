@@ -171,10 +171,13 @@ class Blip2BridgeHubMixin:
             return super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub, **kwargs)
         upload = None
         if push_to_hub:
-            # Our files are written after transformers' save, which would leave them out of its upload.
+            # Our files are written after transformers' save, which would leave them out of its upload; files of the
+            # folder that this save does not touch stay out of it, as with transformers.
             upload = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "create_pr") if name in kwargs}
             upload.setdefault("repo_id", Path(save_directory).name)
             upload["private"] = kwargs.pop("private", None)
+            os.makedirs(save_directory, exist_ok=True)
+            upload["files_timestamps"] = self._get_files_timestamps(save_directory)
         # Written into config.json only: a model in memory keeps resolving to the installed classes and pipelines.
         hub_fields = {"auto_map": auto_map_of(self)}
         if self.hub_custom_pipelines:
@@ -219,7 +222,9 @@ class Blip2BridgeHubMixin:
                 private=private, token=token, revision=revision, create_pr=create_pr,
             )  # fmt: skip
 
-    def _push_folder(self, folder, repo_id: str, private=None, token=None, **commit_kwargs):
+    def _push_folder(self, folder, repo_id: str, private=None, token=None, files_timestamps=None, **commit_kwargs):
         repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        return self._upload_modified_files(folder, repo_id, files_timestamps={}, token=token, **commit_kwargs)
+        return self._upload_modified_files(
+            folder, repo_id, files_timestamps=files_timestamps or {}, token=token, **commit_kwargs
+        )
 

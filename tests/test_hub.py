@@ -289,7 +289,10 @@ def test_push_to_hub_uploads_a_folder_that_loads_with_identical_outputs(local_hu
 
 def test_save_pretrained_with_push_to_hub_uploads_the_code_files_too(local_hub, tmp_path):
     model = tiny_model()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "notes.txt").write_text("not part of the model")
     model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="user/stage1")
     uploaded = set(local_hub.commits[-1][2])
     assert {"config.json", "README.md", "modeling_blip2_bridge.py", "configuration_blip2_bridge.py"} <= uploaded
+    assert "notes.txt" not in uploaded  # files this save did not write stay local, as with transformers
     assert (local_hub.root / "user/stage1/modeling_qformer.py").exists()
