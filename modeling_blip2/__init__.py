@@ -17,6 +17,7 @@ from .modeling_blip2_bridge_generation import (
     Blip2BridgeForConditionalGenerationOutput,
 )
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .pipeline_image_to_text import Blip2BridgeImageToTextPipeline
 from .processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 
 
@@ -48,6 +49,7 @@ __all__ = [
     "Blip2BridgeForConditionalGeneration",
     "Blip2BridgeForConditionalGenerationOutput",
     "Blip2BridgeImageProcessor",
+    "Blip2BridgeImageToTextPipeline",
     "Blip2BridgeModel",
     "Blip2BridgeModelOutput",
     "Blip2BridgePreTrainedModel",
