@@ -31,6 +31,16 @@ AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The trainer pulls in transformers' Trainer (accelerate, datasets): imported on first use only.
+    if name == "Blip2BridgeTrainer":
+        from .training import Blip2BridgeTrainer
+
+        return Blip2BridgeTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Blip2BridgeConfig",
     "Blip2BridgeForConditionalGeneration",
@@ -42,5 +52,6 @@ __all__ = [
     "Blip2BridgeProcessor",
     "Blip2BridgeQFormerConfig",
     "Blip2BridgeQFormerModel",
+    "Blip2BridgeTrainer",
     "build_stage1_model",
 ]
