@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 
 import modeling_blip2
 from modeling_blip2 import Blip2BridgeTrainer
-from modeling_blip2.training import blip2_training_arguments, build_trainer
+from modeling_blip2 import modeling_qformer
+from modeling_blip2.training import accelerate_config_path, blip2_training_arguments, build_trainer
 from modeling_blip2.training.trainer import decays, training_stage
 from tests.trainer_helpers import (
     CaptionedImages,
@@ -283,3 +284,18 @@ def test_build_trainer_uses_the_recipe_of_the_model_stage(tmp_path):
         build_trainer(tiny_stage2_model(), Stage2Captions(), stage2_collator)
     with pytest.raises(ValueError, match="holds no blip2-bridge model"):
         training_stage(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name, distributed_type", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                                    ("deepspeed_zero2", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load_with_accelerate(name, distributed_type):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(accelerate_config_path(name))
+    assert (config.distributed_type.name, config.mixed_precision, config.num_machines) == (distributed_type, "bf16", 1)
+    if name == "fsdp":  # the class FSDP wraps must exist under that name
+        assert hasattr(modeling_qformer, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    if name == "deepspeed_zero2":
+        assert config.deepspeed_config["zero_stage"] == 2
+    with pytest.raises(ValueError, match="'zero3'"):
+        accelerate_config_path("zero3")

@@ -1,6 +1,7 @@
 """Training arguments of blip2-bridge, and the paper's recipe as a preset."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
@@ -13,6 +14,8 @@ WEIGHT_DECAY = 0.05
 WARMUP_STEPS = {1: 5000, 2: 2000}
 # The paper pre-trains 250k steps in stage 1 and 80k in stage 2.
 TRAINING_STEPS = {1: 250_000, 2: 80_000}
+
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed_zero2")
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,4 +80,11 @@ def blip2_training_arguments(stage: int, output_dir: str, **overrides) -> Blip2B
     return Blip2BridgeTrainingArguments(**recipe)
 
 
-__all__ = ["Blip2BridgeTrainingArguments", "blip2_training_arguments"]
+def accelerate_config_path(name: str) -> Path:
+    """The shipped `accelerate launch --config_file` for "ddp", "fsdp" or "deepspeed_zero2"."""
+    if name not in ACCELERATE_CONFIGS:
+        raise ValueError(f"accelerate config {name!r}; expected one of {ACCELERATE_CONFIGS}")
+    return Path(__file__).parent / "accelerate_configs" / f"{name}.yaml"
+
+
+__all__ = ["Blip2BridgeTrainingArguments", "accelerate_config_path", "blip2_training_arguments"]
