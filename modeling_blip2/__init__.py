@@ -32,7 +32,8 @@ AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
-# The metrics import evaluate and datasets (seconds), which using the model never needs: load them on first access.
+# The metrics import evaluate and datasets, and the trainer transformers' Trainer (seconds), which using the model
+# never needs: both load on first access.
 _METRICS = ("CaptionMetrics", "RetrievalRecall", "VQAAccuracy")
 
 
@@ -41,6 +42,10 @@ def __getattr__(name):
         from . import metrics
 
         return getattr(metrics, name)
+    if name == "Blip2BridgeTrainer":
+        from .training import Blip2BridgeTrainer
+
+        return Blip2BridgeTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -56,6 +61,7 @@ __all__ = [
     "Blip2BridgeProcessor",
     "Blip2BridgeQFormerConfig",
     "Blip2BridgeQFormerModel",
+    "Blip2BridgeTrainer",
     "CaptionMetrics",
     "RetrievalRecall",
     "VQAAccuracy",
