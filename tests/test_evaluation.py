@@ -136,16 +136,37 @@ def stage1_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def metrics():
-    """The project's metrics; tests comparing against them wait until they exist."""
-    return pytest.importorskip("modeling_blip2.metrics")
+def metrics(monkeypatch):
+    """The project's metrics module, or None (and a stand-in metric for the runner) where it is not there yet: the
+    tests then check the predictions and skip only the comparison of metric values."""
+    if _has_metrics():
+        import modeling_blip2.metrics
+
+        return modeling_blip2.metrics
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+    return None
 
 
-class CountingMetric:
-    """A stand-in metric (exact-match accuracy) for tests that check the runner, not the metric."""
+def skip_without(metrics) -> None:
+    if metrics is None:
+        pytest.skip("modeling_blip2.metrics is not there yet: metric values not compared")
 
-    def compute(self, predictions, references):
-        return {"accuracy": 100.0 * np.mean([p in refs for p, refs in zip(predictions, references)])}
+
+def _has_metrics() -> bool:
+    try:
+        import modeling_blip2.metrics  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StandInMetric:
+    """Exact-match accuracy, for tests that check the runner, not the metric."""
+
+    def compute(self, predictions=None, references=None, **retrieval_inputs):
+        if predictions is None:
+            return {"txt_r1": 0.0}
+        return {"accuracy": 100.0 * float(np.mean([p in refs for p, refs in zip(predictions, references)]))}
 
 
 def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, metrics):
@@ -155,6 +176,7 @@ def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir
     assert [row["question_id"] for row in rows] == [1000, 1001, 1002, 1003, 1004]
     assert [row["answers"] for row in rows] == ANSWERS
     assert all(row["prediction"] for row in rows)  # min_new_tokens=1: never an empty answer
+    skip_without(metrics)
     expected = metrics.VQAAccuracy(config_name="official").compute(
         predictions=[row["prediction"] for row in rows], references=ANSWERS
     )
@@ -165,7 +187,7 @@ def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir
 
 def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(stage2_dir, data_dir, tmp_path,
                                                                               monkeypatch):
-    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: CountingMetric())
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
     runner.evaluate("vqav2", stage2_dir, data_dir, tmp_path, batch_size=3, shard_size=5, limit=3)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     model, processor = runner.load_model_and_processor("vqav2", stage2_dir, "float32", "cpu")
@@ -184,14 +206,16 @@ def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2
     annotations = json.loads((data_dir / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
     assert [row["image_id"] for row in rows] == [entry["image"] for entry in annotations]
     assert [row["references"] for row in rows] == [entry["caption"] for entry in annotations]
+    assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
+        prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0
+    )
+    skip_without(metrics)
     expected = metrics.CaptionMetrics().compute(
         predictions=[row["prediction"] for row in rows], references=[row["references"] for row in rows]
     )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("Bleu_4", "CIDEr", "ROUGE_L"):
         assert saved[name] == expected[name]
-    assert saved["generation"] == dict(prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8,
-                                       length_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -199,22 +223,10 @@ def retrieval_run(stage1_dir, data_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("flickr30k")
     with pytest.MonkeyPatch.context() as patch:
         if not _has_metrics():
-            patch.setattr(runner, "load_metric", lambda name, **kwargs: RecordingRetrievalMetric())
+            patch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
         runner.evaluate("flickr30k", stage1_dir, data_dir, output, batch_size=2, shard_size=2, k=3)
     return output
 
-
-def _has_metrics() -> bool:
-    try:
-        import modeling_blip2.metrics  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class RecordingRetrievalMetric:
-    def compute(self, **inputs):
-        return {"txt_r1": 0.0}
 
 
 def rebuild_score_matrices(path: Path, num_images: int, num_texts: int):
@@ -251,6 +263,7 @@ def test_retrieval_scores_are_the_rerankers_on_the_whole_test_set(retrieval_run,
 
 
 def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, data_dir, metrics):
+    skip_without(metrics)
     data = load_task_data("flickr30k", data_dir)
     scores_i2t, scores_t2i = rebuild_score_matrices(retrieval_run / "retrieval_scores.safetensors", 5, len(data.texts))
     expected = metrics.RetrievalRecall().compute(
@@ -264,7 +277,7 @@ def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, dat
 
 
 def test_rerun_after_deleting_a_shard_recomputes_only_that_shard(stage2_dir, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: CountingMetric())
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
     computed_questions = []
     generate_predictions = runner.generate_predictions
 
