@@ -70,7 +70,8 @@ def data_dir(tmp_path_factory) -> Path:
     for index in range(5):
         write_image(root / "flickr30k" / "images" / "flickr30k-images" / f"{100 + index}.jpg", index)
         flickr.append({"image": f"flickr30k-images/{100 + index}.jpg",
-                       "caption": [CAPTIONS[(index + j) % len(CAPTIONS)] + "." for j in range(2 + index % 2)]})
+                       # distinct captions, so that no two texts tie
+                       "caption": [f"{CAPTIONS[(index + j) % len(CAPTIONS)]} {index}." for j in range(2 + index % 2)]})
     write_json(root / "flickr30k" / "annotations" / "flickr30k_test.json", flickr)
     write_image(root / "nocaps" / "images" / "0013ea2087020901.jpg", 3)
     write_json(root / "nocaps" / "annotations" / "nocaps_val_4500_captions.json", {
