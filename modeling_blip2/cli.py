@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from .convert_lavis import VISION_PRESETS, convert_lavis_checkpoint
+from .evaluation.command import add_evaluate_command
 from .training.cli_train import add_train_command
 
 
@@ -88,7 +89,7 @@ def count(number: int) -> str:
     return str(number)
 
 
-SUBCOMMANDS = (add_convert_command, add_train_command)
+SUBCOMMANDS = (add_convert_command, add_train_command, add_evaluate_command)
 
 
 if __name__ == "__main__":

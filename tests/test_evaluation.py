@@ -1,0 +1,330 @@
+"""Benchmark runners on tiny random models and tiny datasets in the standard layouts: one prediction row per
+question/image, metrics equal to the metric computed on those predictions, resumable shards."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BlipImageProcessor, Blip2Processor, PreTrainedTokenizerFast
+
+from modeling_blip2 import (
+    Blip2BridgeConfig,
+    Blip2BridgeForConditionalGeneration,
+    Blip2BridgeImageProcessor,
+    Blip2BridgeModel,
+    Blip2BridgeProcessor,
+)
+from modeling_blip2.cli import main
+from modeling_blip2.evaluation import runner
+from modeling_blip2.evaluation.data import load_task_data, pre_caption
+from modeling_blip2.evaluation.shards import read_jsonl
+from modeling_blip2.retrieval import UNRANKED_SCORE, compute_retrieval_scores
+from tests.helpers import CAPTIONS, make_bert_tokenizer
+from tests.tiny_models import VISION_CONFIG, tiny_config
+
+NUM_QUERY_TOKENS = 4
+QUESTIONS = ["what color is the sofa?", "how many dogs are there?", "is it raining?", "what is on the plate?",
+             "where is the boat?"]
+ANSWERS = [["red"] * 7 + ["pink"] * 3, ["2"] * 9 + ["two"], ["yes"] * 10, ["rice"] * 6 + ["food"] * 4,
+           ["lake"] * 10]
+
+
+def write_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (32 + seed, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def write_json(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """VQAv2 (official JSONs), COCO Karpathy test, NoCaps val and Flickr30K test, a few images each."""
+    root = tmp_path_factory.mktemp("data")
+    image_ids = [42, 7, 42, 1234, 7]
+    for image_id in set(image_ids):
+        write_image(root / "coco" / "images" / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", image_id % 13)
+    write_json(root / "coco" / "annotations" / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [
+        {"image_id": image_id, "question": question, "question_id": 1000 + index}
+        for index, (image_id, question) in enumerate(zip(image_ids, QUESTIONS))
+    ]})
+    write_json(root / "coco" / "annotations" / "v2_mscoco_val2014_annotations.json", {"annotations": [
+        {"question_id": 1000 + index, "image_id": image_id,
+         "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i, answer in enumerate(answers)]}
+        for index, (image_id, answers) in enumerate(zip(image_ids, ANSWERS))
+    ]})
+    karpathy = [
+        {"image": f"val2014/COCO_val2014_{image_id:012d}.jpg", "caption": CAPTIONS[index : index + 3]}
+        for index, image_id in enumerate(sorted(set(image_ids)))
+    ]
+    write_json(root / "coco" / "annotations" / "coco_karpathy_test.json", karpathy)
+    flickr = []
+    for index in range(5):
+        write_image(root / "flickr30k" / "images" / "flickr30k-images" / f"{100 + index}.jpg", index)
+        flickr.append({"image": f"flickr30k-images/{100 + index}.jpg",
+                       # distinct captions, so that no two texts tie
+                       "caption": [f"{CAPTIONS[(index + j) % len(CAPTIONS)]} {index}." for j in range(2 + index % 2)]})
+    write_json(root / "flickr30k" / "annotations" / "flickr30k_test.json", flickr)
+    write_image(root / "nocaps" / "images" / "0013ea2087020901.jpg", 3)
+    write_json(root / "nocaps" / "annotations" / "nocaps_val_4500_captions.json", {
+        "images": [{"id": 0, "file_name": "0013ea2087020901.jpg"}],
+        "annotations": [{"image_id": 0, "id": i, "caption": caption} for i, caption in enumerate(CAPTIONS[:2])],
+    })
+    return root
+
+
+def make_llm_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer in OPT's style (</s> is bos and eos), trained on the test's texts."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([*CAPTIONS, *QUESTIONS, "Question: Answer: a photo of"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(tmp_path_factory) -> Path:
+    """A tiny random OPT-based stage-2 model with transformers' Blip2Processor (the stage-2 processor contract)."""
+    tokenizer = make_llm_tokenizer()
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 28, "width": 28}), tokenizer,
+                               num_query_tokens=NUM_QUERY_TOKENS)
+    text_config = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, dropout=0.0,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = Blip2BridgeConfig(
+        vision_config=VISION_CONFIG,
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+        text_config=text_config,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(config)
+    with torch.no_grad():
+        for parameter in model.parameters():  # query tokens start at zero, norms at one: make every weight count
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp("stage2")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory) -> Path:
+    tokenizer = make_bert_tokenizer()
+    processor = Blip2BridgeProcessor(Blip2BridgeImageProcessor(size={"height": 28, "width": 28}), tokenizer)
+    config = tiny_config()
+    config.qformer_config.vocab_size = len(tokenizer)
+    config.qformer_config.max_position_embeddings = 40
+    config.qformer_config.bos_token_id = tokenizer.bos_token_id
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("stage1")
+    Blip2BridgeModel(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def metrics(monkeypatch):
+    """The project's metrics module, or None (and a stand-in metric for the runner) where it is not there yet: the
+    tests then check the predictions and skip only the comparison of metric values."""
+    if _has_metrics():
+        import modeling_blip2.metrics
+
+        return modeling_blip2.metrics
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+    return None
+
+
+def skip_without(metrics) -> None:
+    if metrics is None:
+        pytest.skip("modeling_blip2.metrics is not there yet: metric values not compared")
+
+
+def _has_metrics() -> bool:
+    try:
+        import modeling_blip2.metrics  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class StandInMetric:
+    """Exact-match accuracy, for tests that check the runner, not the metric."""
+
+    def compute(self, predictions=None, references=None, **retrieval_inputs):
+        if predictions is None:
+            return {"txt_r1": 0.0}
+        return {"accuracy": 100.0 * float(np.mean([p in refs for p, refs in zip(predictions, references)]))}
+
+
+def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, metrics):
+    output = tmp_path / "vqav2"
+    result = runner.evaluate("vqav2", stage2_dir, data_dir, output, batch_size=2, shard_size=2)
+    rows = read_jsonl(output / "predictions.jsonl")
+    assert [row["question_id"] for row in rows] == [1000, 1001, 1002, 1003, 1004]
+    assert [row["answers"] for row in rows] == ANSWERS
+    assert all(row["prediction"] for row in rows)  # min_new_tokens=1: never an empty answer
+    skip_without(metrics)
+    expected = metrics.VQAAccuracy(config_name="official").compute(
+        predictions=[row["prediction"] for row in rows], references=ANSWERS
+    )
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved["accuracy"] == expected["accuracy"] == result["accuracy"]
+    assert saved["num_samples"] == 5 and saved["generation"]["prompt"] == "Question: {} Answer:"
+
+
+def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(stage2_dir, data_dir, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+    runner.evaluate("vqav2", stage2_dir, data_dir, tmp_path, batch_size=3, shard_size=5, limit=3)
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    model, processor = runner.load_model_and_processor("vqav2", stage2_dir, "float32", "cpu")
+    for row in rows:
+        inputs = processor(images=Image.open(row["image"]).convert("RGB"),
+                           text=f"Question: {row['question']} Answer:", return_tensors="pt")
+        generated = model.generate(**inputs, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+        answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        assert row["prediction"] == answer.strip()
+
+
+def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, metrics):
+    runner.evaluate("coco_caption", stage2_dir, data_dir, tmp_path, batch_size=2, shard_size=2,
+                    generation={"max_new_tokens": 12})
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    annotations = json.loads((data_dir / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
+    assert [row["image_id"] for row in rows] == [entry["image"] for entry in annotations]
+    assert [row["references"] for row in rows] == [entry["caption"] for entry in annotations]
+    assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
+        prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0
+    )
+    skip_without(metrics)
+    expected = metrics.CaptionMetrics().compute(
+        predictions=[row["prediction"] for row in rows], references=[row["references"] for row in rows]
+    )
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("Bleu_4", "CIDEr", "ROUGE_L"):
+        assert saved[name] == expected[name]
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(stage1_dir, data_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("flickr30k")
+    with pytest.MonkeyPatch.context() as patch:
+        if not _has_metrics():
+            patch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+        runner.evaluate("flickr30k", stage1_dir, data_dir, output, batch_size=2, shard_size=2, k=3)
+    return output
+
+
+
+def rebuild_score_matrices(path: Path, num_images: int, num_texts: int):
+    saved = load_file(str(path))
+    scores_i2t = torch.full((num_images, num_texts), UNRANKED_SCORE).scatter_(1, saved["text_index"],
+                                                                              saved["scores_i2t"])
+    scores_t2i = torch.full((num_texts, num_images), UNRANKED_SCORE).scatter_(1, saved["image_index"],
+                                                                              saved["scores_t2i"])
+    return scores_i2t, scores_t2i
+
+
+def test_retrieval_scores_are_the_rerankers_on_the_whole_test_set(retrieval_run, stage1_dir, data_dir):
+    data = load_task_data("flickr30k", data_dir)
+    scores_i2t, scores_t2i = rebuild_score_matrices(retrieval_run / "retrieval_scores.safetensors", 5, len(data.texts))
+    # The sharded, resumable run gives the matrices of one compute_retrieval_scores call over the whole set.
+    model = Blip2BridgeModel.from_pretrained(stage1_dir).eval()
+    processor = Blip2BridgeProcessor.from_pretrained(stage1_dir)
+    images = [Image.open(sample["image"]) for sample in data.samples]
+    tokens = processor(text=[pre_caption(text) for text in data.texts], max_length=35)
+    with torch.no_grad():
+        image_embeds = model.get_image_embeds(processor(images=images)["pixel_values"])
+    expected_i2t, expected_t2i = compute_retrieval_scores(
+        model, image_embeds, tokens["input_ids"], tokens["attention_mask"], k=3
+    )
+    torch.testing.assert_close(scores_i2t, expected_i2t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores_t2i, expected_t2i, rtol=0, atol=1e-5)
+
+    rows = read_jsonl(retrieval_run / "predictions.jsonl")
+    image_rows = [row for row in rows if row["direction"] == "image_to_text"]
+    text_rows = [row for row in rows if row["direction"] == "text_to_image"]
+    assert len(image_rows) == 5 and len(text_rows) == len(data.texts) == 12
+    assert [row["ranked_text_ids"][:3] for row in image_rows] == expected_i2t.topk(3, dim=1).indices.tolist()
+    assert [row["image_index"] for row in text_rows] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4]
+
+
+def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, data_dir, metrics):
+    skip_without(metrics)
+    data = load_task_data("flickr30k", data_dir)
+    scores_i2t, scores_t2i = rebuild_score_matrices(retrieval_run / "retrieval_scores.safetensors", 5, len(data.texts))
+    expected = metrics.RetrievalRecall().compute(
+        scores_i2t=scores_i2t.numpy(), scores_t2i=scores_t2i.numpy(),
+        img2txt=[sample["text_ids"] for sample in data.samples],
+        txt2img=[image for image, sample in enumerate(data.samples) for _ in sample["text_ids"]],
+    )
+    saved = json.loads((retrieval_run / "metrics.json").read_text())
+    for name, value in expected.items():
+        assert saved[name] == pytest.approx(value, abs=0), name
+
+
+def test_rerun_after_deleting_a_shard_recomputes_only_that_shard(stage2_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+    computed_questions = []
+    generate_predictions = runner.generate_predictions
+
+    def counting_generate_predictions(model, processor, task, samples, *args):
+        computed_questions.append([sample["question_id"] for sample in samples])
+        return generate_predictions(model, processor, task, samples, *args)
+
+    monkeypatch.setattr(runner, "generate_predictions", counting_generate_predictions)
+    arguments = ["evaluate", "--task", "vqav2", "--model", str(stage2_dir), "--data-dir", str(data_dir),
+                 "--output", str(tmp_path), "--batch-size", "2", "--shard-size", "2", "--num-beams", "2"]
+    assert main(arguments) == 0
+    assert computed_questions == [[1000, 1001], [1002, 1003], [1004]]
+    shards = sorted((tmp_path / "shards" / "predictions").glob("shard-*.jsonl"))
+    assert [shard.name for shard in shards] == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
+    first_predictions = (tmp_path / "predictions.jsonl").read_text()
+    first_metrics = json.loads((tmp_path / "metrics.json").read_text())
+
+    shards[1].unlink()
+    computed_questions.clear()
+    assert main(arguments) == 0
+    assert computed_questions == [[1002, 1003]]
+    assert (tmp_path / "predictions.jsonl").read_text() == first_predictions
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first_metrics
+
+    computed_questions.clear()
+    assert main(arguments) == 0  # everything on disk: nothing recomputed
+    assert computed_questions == []
+
+
+def test_resuming_with_other_arguments_is_refused(stage2_dir, data_dir, tmp_path, capsys):
+    (tmp_path / "evaluation_arguments.json").write_text(json.dumps({"task": "vqav2", "limit": 3}))
+    arguments = ["evaluate", "--task", "vqav2", "--model", str(stage2_dir), "--data-dir", str(data_dir),
+                 "--output", str(tmp_path)]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "other arguments" in error and "limit" in error and "model" in error
+
+
+def test_layouts_are_read_as_documented(data_dir):
+    vqa = load_task_data("vqav2", data_dir)
+    assert [sample["answers"] for sample in vqa.samples] == ANSWERS
+    assert vqa.samples[1]["image"].endswith("coco/images/val2014/COCO_val2014_000000000007.jpg")
+    flickr = load_task_data("flickr30k", data_dir)
+    assert [sample["text_ids"] for sample in flickr.samples] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9], [10, 11]]
+    nocaps = load_task_data("nocaps", data_dir)
+    assert nocaps.samples == [{"image_id": 0, "image": str(data_dir / "nocaps/images/0013ea2087020901.jpg"),
+                               "references": CAPTIONS[:2]}]
+    with pytest.raises(FileNotFoundError, match="gqa/annotations/testdev_balanced_questions.json"):
+        load_task_data("gqa", data_dir)
