@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BlipImageProcessor, Blip2Processor, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from modeling_blip2 import (
     Blip2BridgeConfig,
@@ -18,6 +18,9 @@ from modeling_blip2 import (
     Blip2BridgeImageProcessor,
     Blip2BridgeModel,
     Blip2BridgeProcessor,
+    CaptionMetrics,
+    RetrievalRecall,
+    VQAAccuracy,
 )
 from modeling_blip2.cli import main
 from modeling_blip2.evaluation import runner
@@ -95,10 +98,10 @@ def make_llm_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def stage2_dir(tmp_path_factory) -> Path:
-    """A tiny random OPT-based stage-2 model with transformers' Blip2Processor (the stage-2 processor contract)."""
+    """A tiny random OPT-based stage-2 model with its stage-2 processor."""
     tokenizer = make_llm_tokenizer()
-    processor = Blip2Processor(BlipImageProcessor(size={"height": 28, "width": 28}), tokenizer,
-                               num_query_tokens=NUM_QUERY_TOKENS)
+    processor = Blip2BridgeProcessor(Blip2BridgeImageProcessor(size={"height": 28, "width": 28}), tokenizer,
+                                     num_query_tokens=NUM_QUERY_TOKENS)
     text_config = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, dropout=0.0,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -136,49 +139,14 @@ def stage1_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def metrics(monkeypatch):
-    """The project's metrics module, or None (and a stand-in metric for the runner) where it is not there yet: the
-    tests then check the predictions and skip only the comparison of metric values."""
-    if _has_metrics():
-        import modeling_blip2.metrics
-
-        return modeling_blip2.metrics
-    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
-    return None
-
-
-def skip_without(metrics) -> None:
-    if metrics is None:
-        pytest.skip("modeling_blip2.metrics is not there yet: metric values not compared")
-
-
-def _has_metrics() -> bool:
-    try:
-        import modeling_blip2.metrics  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class StandInMetric:
-    """Exact-match accuracy, for tests that check the runner, not the metric."""
-
-    def compute(self, predictions=None, references=None, **retrieval_inputs):
-        if predictions is None:
-            return {"txt_r1": 0.0}
-        return {"accuracy": 100.0 * float(np.mean([p in refs for p, refs in zip(predictions, references)]))}
-
-
-def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, metrics):
+def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path):
     output = tmp_path / "vqav2"
     result = runner.evaluate("vqav2", stage2_dir, data_dir, output, batch_size=2, shard_size=2)
     rows = read_jsonl(output / "predictions.jsonl")
     assert [row["question_id"] for row in rows] == [1000, 1001, 1002, 1003, 1004]
     assert [row["answers"] for row in rows] == ANSWERS
     assert all(row["prediction"] for row in rows)  # min_new_tokens=1: never an empty answer
-    skip_without(metrics)
-    expected = metrics.VQAAccuracy(config_name="official").compute(
+    expected = VQAAccuracy(config_name="official").compute(
         predictions=[row["prediction"] for row in rows], references=ANSWERS
     )
     saved = json.loads((output / "metrics.json").read_text())
@@ -186,9 +154,7 @@ def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir
     assert saved["num_samples"] == 5 and saved["generation"]["prompt"] == "Question: {} Answer:"
 
 
-def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(stage2_dir, data_dir, tmp_path,
-                                                                              monkeypatch):
-    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
+def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(stage2_dir, data_dir, tmp_path):
     runner.evaluate("vqav2", stage2_dir, data_dir, tmp_path, batch_size=3, shard_size=5, limit=3)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     model, processor = runner.load_model_and_processor("vqav2", stage2_dir, "float32", "cpu")
@@ -200,7 +166,7 @@ def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(sta
         assert row["prediction"] == answer.strip()
 
 
-def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, metrics):
+def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path):
     runner.evaluate("coco_caption", stage2_dir, data_dir, tmp_path, batch_size=2, shard_size=2,
                     generation={"max_new_tokens": 12})
     rows = read_jsonl(tmp_path / "predictions.jsonl")
@@ -210,8 +176,7 @@ def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2
     assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
         prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0
     )
-    skip_without(metrics)
-    expected = metrics.CaptionMetrics().compute(
+    expected = CaptionMetrics().compute(
         predictions=[row["prediction"] for row in rows], references=[row["references"] for row in rows]
     )
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -222,12 +187,8 @@ def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2
 @pytest.fixture(scope="module")
 def retrieval_run(stage1_dir, data_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("flickr30k")
-    with pytest.MonkeyPatch.context() as patch:
-        if not _has_metrics():
-            patch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
-        runner.evaluate("flickr30k", stage1_dir, data_dir, output, batch_size=2, shard_size=2, k=3)
+    runner.evaluate("flickr30k", stage1_dir, data_dir, output, batch_size=2, shard_size=2, k=3)
     return output
-
 
 
 def rebuild_score_matrices(path: Path, num_images: int, num_texts: int):
@@ -263,11 +224,10 @@ def test_retrieval_scores_are_the_rerankers_on_the_whole_test_set(retrieval_run,
     assert [row["image_index"] for row in text_rows] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4]
 
 
-def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, data_dir, metrics):
-    skip_without(metrics)
+def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, data_dir):
     data = load_task_data("flickr30k", data_dir)
     scores_i2t, scores_t2i = rebuild_score_matrices(retrieval_run / "retrieval_scores.safetensors", 5, len(data.texts))
-    expected = metrics.RetrievalRecall().compute(
+    expected = RetrievalRecall().compute(
         scores_i2t=scores_i2t.numpy(), scores_t2i=scores_t2i.numpy(),
         img2txt=[sample["text_ids"] for sample in data.samples],
         txt2img=[image for image, sample in enumerate(data.samples) for _ in sample["text_ids"]],
@@ -278,7 +238,6 @@ def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, dat
 
 
 def test_rerun_after_deleting_a_shard_recomputes_only_that_shard(stage2_dir, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "load_metric", lambda name, **kwargs: StandInMetric())
     computed_questions = []
     generate_predictions = runner.generate_predictions
 
