@@ -24,7 +24,8 @@ from modeling_blip2 import (
 )
 from modeling_blip2.cli import main
 from modeling_blip2.evaluation import runner
-from modeling_blip2.evaluation.data import load_task_data, pre_caption
+from modeling_blip2.evaluation.data import load_task_data
+from modeling_blip2.processing.text_cleaning import pre_caption
 from modeling_blip2.evaluation.shards import read_jsonl
 from modeling_blip2.retrieval import UNRANKED_SCORE, compute_retrieval_scores
 from tests.helpers import CAPTIONS, make_bert_tokenizer

@@ -16,7 +16,6 @@
 """
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +45,6 @@ def check_images_exist(samples: list[dict], annotation: Path) -> None:
 
 
 # ---- text normalisation of the original's eval processors (LAVIS BlipQuestionProcessor, BlipCaptionProcessor) -----
-
-
-def pre_question(question: str, max_words: int = 50) -> str:
-    question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
-    return " ".join(question.split(" ")[:max_words])
-
-
-def pre_caption(caption: str, max_words: int = 50) -> str:
-    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
-    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
-    return " ".join(caption.split(" ")[:max_words])
 
 
 # ---- loaders --------------------------------------------------------------------------------------------------------

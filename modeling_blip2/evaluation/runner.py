@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from ..processing.image_processing_blip2_bridge import open_image
 from ..retrieval import image_text_matching_scores, rerank_scores, select_candidates
 from ..losses import max_over_queries_similarity
-from .data import TaskData, load_task_data, pre_caption, pre_question
+from ..processing.text_cleaning import pre_caption, pre_question
+from .data import TaskData, load_task_data
 from .shards import JSONL, TENSORS, map_shards, write_jsonl
 
 
