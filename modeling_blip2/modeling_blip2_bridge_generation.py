@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Confi
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
-from .builders import BERT_HYPERPARAMETERS
 from .configuration import Blip2BridgeConfig
 from .modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .weight_mapping import BERT_HYPERPARAMETERS
 
 # transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
 # tower's `post_layernorm` is the original's `ln_vision`: ours is `vision_layernorm`, applied to hidden_states[-1].
@@ -122,6 +122,13 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
             # transformers would save the weights back under the names they were loaded from; ours are the names now.
             (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
         return loaded
+
+    @classmethod
+    def from_stage1_pretrained(cls, stage1_model, language_model, tokenizer=None, **kwargs):
+        """A stage-2 model from a stage-1 model and a pretrained LLM; see `modeling_blip2.builders.build_stage2_model`."""
+        from .builders import build_stage2_model  # builders imports this module
+
+        return build_stage2_model(stage1_model, language_model, tokenizer=tokenizer, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

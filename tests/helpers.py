@@ -46,3 +46,24 @@ def make_bert_tokenizer(tmp_dir=None, extra_texts=()) -> BertTokenizer:
         return tokenizer
     tokenizer.save_pretrained(tmp_dir)
     return AutoTokenizer.from_pretrained(tmp_dir)
+
+
+LLM_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3; OPT's pad is 1 and its bos = eos is 2
+
+
+def make_llm_tokenizer(extra_words=()):
+    """
+    An OPT-style tokenizer for the tiny stage-2 LLMs: one token per word of `CAPTIONS` (plus `extra_words`) after the
+    four special tokens, and every encoding starting with "</s>", OPT's bos token.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for text in CAPTIONS for word in text.split()} | set(extra_words))
+    vocab = {token: index for index, token in enumerate([*LLM_SPECIAL_TOKENS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
