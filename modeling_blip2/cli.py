@@ -39,7 +39,12 @@ def add_convert_command(subcommands) -> None:
         "(after `import modeling_blip2`).",
     )
     parser.add_argument("--from", dest="source_format", required=True, choices=["lavis"], help="checkpoint format")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="LAVIS stage-1 .pth file ({'model': state_dict})")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="LAVIS .pth file ({'model': state_dict}): stage 1 (blip2, blip2_feature_extractor) or stage 2 (blip2_opt, "
+        "blip2_t5)",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the converted model to")
     parser.add_argument(
         "--vision",
@@ -56,6 +61,12 @@ def add_convert_command(subcommands) -> None:
     parser.add_argument(
         "--qformer-config", metavar="FILE.json", help="BERT-style Q-Former config; default: BERT-base"
     )
+    parser.add_argument(
+        "--language-model",
+        metavar="PATH",
+        help="stage-2 checkpoints: the pretrained LLM they were trained with (folder or hub id, e.g. facebook/opt-2.7b); "
+        "its tokenizer, with <image> added, is saved next to the model",
+    )
     parser.set_defaults(run=run_convert)
 
 
@@ -66,6 +77,7 @@ def run_convert(args: argparse.Namespace) -> int:
         vision=args.vision,
         qformer_config=args.qformer_config,
         vision_checkpoint=args.vision_checkpoint,
+        language_model=args.language_model,
     )
     parameters = list(model.parameters())
     total = sum(parameter.numel() for parameter in parameters)
@@ -74,7 +86,9 @@ def run_convert(args: argparse.Namespace) -> int:
     size_on_disk = sum(file.stat().st_size for file in output.glob("*.safetensors"))
     vision_config = model.config.vision_config
     vision = f"{vision_config.model_type}, {vision_config.num_hidden_layers} layers"
-    print(f"Converted {args.checkpoint} (LAVIS stage 1, vision tower {vision})")
+    text_config = model.config.text_config
+    stage = "LAVIS stage 1" if text_config is None else f"LAVIS stage 2, LLM {text_config.model_type} from {args.language_model}"
+    print(f"Converted {args.checkpoint} ({stage}, vision tower {vision})")
     print(f"  {count(total)} parameters, {count(trainable)} trainable; {size_on_disk / 1e6:,.1f} MB of safetensors")
     print(f"  written to {output}")
     return 0
