@@ -622,13 +622,34 @@ def convert_lavis_checkpoint(
 ) -> Blip2BridgeModel | Blip2BridgeForConditionalGeneration:
     """Converts a LAVIS `.pth` checkpoint and saves it to `output_dir` (safetensors); returns the model.
 
+    The arguments are those of `load_lavis_checkpoint`; a stage-2 model's tokenizer is saved beside it.
+    """
+    model, tokenizer = load_lavis_checkpoint(
+        checkpoint_path, vision, qformer_config, vision_checkpoint, language_model, tokenizer
+    )
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return model
+
+
+def load_lavis_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    vision=None,
+    qformer_config=None,
+    vision_checkpoint: str | os.PathLike | None = None,
+    language_model: str | os.PathLike | PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[Blip2BridgeModel | Blip2BridgeForConditionalGeneration, PreTrainedTokenizerBase | None]:
+    """Our model of a LAVIS `.pth` checkpoint, and the LLM's tokenizer (with "<image>") for a stage-2 one.
+
     vision: `"eva_clip_g"`, `"clip_L"` or a JSON file of a transformers vision config; default: the checkpoint's
         tower layout's preset. qformer_config: a BERT-style JSON file or dict; default BERT-base.
     vision_checkpoint: the vision tower's own weights (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`), for checkpoints
         saved without their frozen image encoder.
     language_model: for a stage-2 checkpoint (`blip2_opt`, `blip2_t5`), the pretrained LLM it was trained with (a path
         or hub id, or a model). tokenizer: its tokenizer; default: the one saved with `language_model` when it is a
-        path. The tokenizer gets "<image>" (saved to `output_dir` with the model) for `config.image_token_id`.
+        path. The tokenizer gets "<image>" for `config.image_token_id`.
     """
     vision_weights = None if vision_checkpoint is None else load_lavis_state_dict(vision_checkpoint)
     state_dict = with_vision_weights(load_lavis_state_dict(checkpoint_path), vision_weights)
@@ -638,8 +659,7 @@ def convert_lavis_checkpoint(
         config = lavis_config_from_state_dict(state_dict, vision=vision, qformer_config=qformer_config)
         model = Blip2BridgeModel(config)
         model.load_state_dict(convert_lavis_state_dict(state_dict, config), strict=True)
-        model.save_pretrained(output_dir)
-        return model
+        return model, None
 
     state_dict, language_model_weights = split_language_model_weights(state_dict, stage2_model)
     language_model, tokenizer = lavis_language_model(language_model, tokenizer, stage2_model)
@@ -650,11 +670,7 @@ def convert_lavis_checkpoint(
         state_dict, vision=vision, qformer_config=qformer_config, text_config=language_model.config,
         image_token_id=image_token_id,
     )  # fmt: skip
-    model = assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model)
-    model.save_pretrained(output_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
-    return model
+    return assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model), tokenizer
 
 
 def lavis_language_model(
@@ -708,6 +724,7 @@ __all__ = [
     "convert_lavis_checkpoint",
     "convert_lavis_state_dict",
     "lavis_config_from_state_dict",
+    "load_lavis_checkpoint",
     "split_language_model_weights",
     "load_lavis_state_dict",
 ]
