@@ -219,6 +219,10 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
         """
         if input_ids is None:
             raise ValueError("input_ids is required: the prompt with its image placeholder tokens")
+        # PEFT's task wrappers (PeftModelForCausalLM, ...) pass these explicitly, as None.
+        if kwargs.pop("inputs_embeds", None) is not None:
+            raise ValueError("inputs_embeds are built here from input_ids and the image features; pass input_ids")
+        kwargs.pop("return_dict", None)  # always a ModelOutput
         image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
         inputs_embeds = self._embed_with_image_features(input_ids, image_features)
         if attention_mask is None:
