@@ -616,3 +616,27 @@ def test_stage2_refusals_name_the_problem(tmp_path):
         lavis_config_from_state_dict(instruct, text_config=wide_llm)
     with pytest.raises(ValueError, match="stage-1 checkpoint .* which has none"):
         lavis_config_from_state_dict(lavis_checkpoint("eva"), vision=EVA_CONFIG, text_config=wide_llm)
+
+
+def test_cli_converts_a_lavis_stage2_checkpoint_straight_to_transformers_blip2(tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    llm_folder = tiny_language_model_folder(tmp_path, "opt")
+    checkpoint = save_checkpoint(tmp_path / "blip2_opt.pth", lavis_stage2_checkpoint("opt"))
+    tower = ["--vision", write_json(tmp_path / "v.json", EVA_CONFIG)]
+    tower += ["--qformer-config", write_json(tmp_path / "q.json", QFORMER_CONFIG)]
+    common = ["convert", "--from", "lavis", str(checkpoint), "--language-model", str(llm_folder), *tower]
+    assert main([*common, "--output", str(tmp_path / "ours")]) == 0
+    assert main([*common, "--to", "transformers", "--output", str(tmp_path / "hf")]) == 0
+
+    ours = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").eval()
+    theirs = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids("<image>") == 53
+    input_ids = torch.cat([torch.full((2, LAVIS_QFORMER["num_query_tokens"]), 53), torch.tensor([[2, 4, 32]] * 2)], 1)
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ours(pixel_values=pixel_values, input_ids=input_ids).logits
+        actual = theirs(pixel_values=pixel_values, input_ids=input_ids).logits
+    # transformers' post_layernorm takes the EVA blocks' eps 1e-6 where LAVIS's ln_vision has 1e-5: close, not equal.
+    assert theirs.vision_model.post_layernorm.eps == 1e-6
+    assert (actual - expected).abs().max() <= 1e-4
