@@ -36,7 +36,8 @@ from .weight_mapping import BERT_HYPERPARAMETERS, ITG_HEAD_MODULE_SOURCES, param
 
 
 DEC_TOKEN = "[DEC]"
-# The LLM-side image placeholder, as transformers' Blip2Processor adds it.
+# The LLM's image placeholder, the one `Blip2BridgeProcessor` (and transformers' Blip2Processor) adds. Not imported
+# from the processor: this module travels as remote code with a saved model, the processing package does not.
 IMAGE_TOKEN = "<image>"
 
 # Our tensors with one row per vocabulary entry: BERT's are shorter by the [DEC] row.
@@ -303,8 +304,8 @@ def add_image_token_to_language_model(
     if tokenizer is not None:
         if image_token_id is not None:
             raise ValueError(
-                f"image_token_id={image_token_id} and a tokenizer were both given; the tokenizer's {IMAGE_TOKEN!r} "
-                "token sets the id"
+                f"image_token_id={image_token_id} and a tokenizer were both given; the tokenizer's image token "
+                "sets the id"
             )
         image_token_id = add_image_token(tokenizer)
         needed_rows = len(tokenizer)
@@ -318,10 +319,12 @@ def add_image_token_to_language_model(
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id of "<image>", added as a special token (never split, never lower-cased) when the tokenizer lacks it."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    """The id of the image placeholder, the token `Blip2BridgeProcessor` puts before every prompt: the tokenizer's
+    `image_token` if it names one, else "<image>", added as a special token (never split, never lower-cased)."""
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(image_token)
 
 
 def load_language_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:

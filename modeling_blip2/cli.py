@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from .convert_lavis import VISION_PRESETS, load_lavis_checkpoint
+from .training.cli_train import add_train_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +149,7 @@ def count(number: int) -> str:
     return str(number)
 
 
-SUBCOMMANDS = (add_convert_command,)
+SUBCOMMANDS = (add_convert_command, add_train_command)
 
 
 if __name__ == "__main__":

@@ -486,12 +486,11 @@ LAVIS_PROJECTIONS = {"opt": "opt_proj", "t5": "t5_proj"}
 
 def tiny_language_model_folder(tmp_path, name: str):
     """A tiny pretrained LLM saved with its tokenizer, as a hub checkpoint is."""
-    from tests.test_stage2 import TEXT_CONFIGS
     from tests.test_stage2_builder import tiny_llm
 
     folder = tmp_path / f"{name}-llm"
-    tiny_llm(name, vocab_size=TEXT_CONFIGS[name]["vocab_size"]).save_pretrained(folder)
-    make_llm_tokenizer().save_pretrained(folder)
+    tiny_llm(name).save_pretrained(folder)
+    make_llm_tokenizer(name).save_pretrained(folder)
     return folder
 
 
@@ -556,7 +555,7 @@ def test_cli_converts_a_lavis_stage2_checkpoint_with_its_language_model_and_repr
     model = AutoModelForImageTextToText.from_pretrained(output).eval()
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert isinstance(model, Blip2BridgeForConditionalGeneration)
-    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == 53
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == len(make_llm_tokenizer(name))
     assert model.config.text_config.model_type == name
     if name == "t5":
         assert model.config.text_config.dense_act_fn == "gelu"
@@ -631,8 +630,10 @@ def test_cli_converts_a_lavis_stage2_checkpoint_straight_to_transformers_blip2(t
 
     ours = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").eval()
     theirs = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids("<image>") == 53
-    input_ids = torch.cat([torch.full((2, LAVIS_QFORMER["num_query_tokens"]), 53), torch.tensor([[2, 4, 32]] * 2)], 1)
+    image_token_id = AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids("<image>")
+    assert image_token_id == theirs.config.image_token_index == ours.config.image_token_id
+    placeholders = torch.full((2, LAVIS_QFORMER["num_query_tokens"]), image_token_id)
+    input_ids = torch.cat([placeholders, torch.tensor([[2, 40, 32]] * 2)], 1)
     pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ours(pixel_values=pixel_values, input_ids=input_ids).logits

@@ -50,7 +50,7 @@ def test_exported_model_loads_in_transformers_with_identical_logits_and_greedy_t
 
 
 def test_cli_exports_a_built_stage2_folder_with_its_tokenizer(tmp_path, capsys):
-    tokenizer = make_llm_tokenizer()
+    tokenizer = make_llm_tokenizer("opt")
     stage1 = tiny_model(attn_implementation="sdpa", vision_layer_norm_eps=1e-6)
     ours = build_stage2_model(stage1, tiny_llm("opt"), tokenizer=tokenizer)
     ours.save_pretrained(tmp_path / "ours")

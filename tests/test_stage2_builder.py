@@ -16,19 +16,23 @@ from tests.tiny_models import tiny_model
 NUM_QUERY_TOKENS = 4
 
 
-def tiny_llm(name: str = "opt", vocab_size: int = 64, seed: int = 1):
+# Room for the tiny tokenizers of tests/helpers.py (300 OPT tokens, 252 T5 tokens) and their "<image>".
+LLM_VOCAB_SIZE = 320
+
+
+def tiny_llm(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE, seed: int = 1):
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**dict(TEXT_CONFIGS[name], vocab_size=vocab_size))
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return model_class.from_config(config).eval()
 
 
-def stage1_and_stage2(name: str = "opt", vocab_size: int = 64):
+def stage1_and_stage2(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE):
     """A tiny stage-1 model, the LLM as it was before building, and the stage-2 model built from both."""
     stage1 = tiny_model(attn_implementation="sdpa").eval()  # as the stage-2 model's default
     language_model = tiny_llm(name, vocab_size)
     reference_llm = copy.deepcopy(language_model)
-    tokenizer = make_llm_tokenizer()
+    tokenizer = make_llm_tokenizer(name)
     stage2 = build_stage2_model(stage1, language_model, tokenizer=tokenizer)
     return stage1, reference_llm, stage2, tokenizer
 
@@ -75,23 +79,31 @@ def test_logits_equal_the_standalone_llm_given_the_projected_queries_and_the_tex
 
 
 def test_image_token_is_added_to_the_tokenizer_and_the_embeddings_grow_only_when_needed():
-    tokenizer = make_llm_tokenizer()  # 53 tokens
-    roomy = build_stage2_model(tiny_model(), tiny_llm(vocab_size=64), tokenizer=tokenizer)
+    tokenizer = make_llm_tokenizer("opt")
+    size = len(tokenizer)
+    roomy = build_stage2_model(tiny_model(), tiny_llm(), tokenizer=tokenizer)
     assert tokenizer.convert_ids_to_tokens(roomy.config.image_token_id) == "<image>"
-    assert roomy.config.image_token_id == 53 and len(tokenizer) == 54
-    assert roomy.language_model.get_input_embeddings().weight.shape[0] == 64  # padded table: room for <image>
-    assert tokenizer("<image><image> a cat").input_ids == [2, 53, 53, 4, 14]  # one id per placeholder, never split
+    assert roomy.config.image_token_id == size and len(tokenizer) == size + 1
+    assert roomy.language_model.get_input_embeddings().weight.shape[0] == LLM_VOCAB_SIZE  # padded table: room
+    ids = tokenizer("<image><image> a cat").input_ids
+    assert ids[:3] == [2, size, size] and size not in ids[3:]  # one id per placeholder, never split
 
-    exact_llm = tiny_llm(vocab_size=53)
+    exact_llm = tiny_llm(vocab_size=size)
     reference = copy.deepcopy(exact_llm)
-    grown = build_stage2_model(tiny_model(), exact_llm, tokenizer=make_llm_tokenizer())
-    assert grown.config.image_token_id == 53
-    assert grown.language_model.get_input_embeddings().weight.shape[0] == 54
-    assert grown.config.text_config.vocab_size == 54
+    grown = build_stage2_model(tiny_model(), exact_llm, tokenizer=make_llm_tokenizer("opt"))
+    assert grown.config.image_token_id == size
+    assert grown.language_model.get_input_embeddings().weight.shape[0] == size + 1
+    assert grown.config.text_config.vocab_size == size + 1
     # The old rows are untouched.
     torch.testing.assert_close(
-        grown.language_model.get_input_embeddings().weight[:53], reference.get_input_embeddings().weight
+        grown.language_model.get_input_embeddings().weight[:size], reference.get_input_embeddings().weight
     )
+
+    # The token the stage-2 processor puts before every prompt.
+    from modeling_blip2.builders import IMAGE_TOKEN
+    from modeling_blip2.processing.processing_blip2_bridge import IMAGE_TOKEN as PROCESSOR_IMAGE_TOKEN
+
+    assert IMAGE_TOKEN == PROCESSOR_IMAGE_TOKEN == "<image>"
 
     appended = build_stage2_model(tiny_model(), tiny_llm(vocab_size=53))  # no tokenizer: one new row
     assert appended.config.image_token_id == 53
@@ -168,16 +180,16 @@ def test_build_from_saved_folders_through_the_class_method_saves_and_loads_back(
     stage1.save_pretrained(tmp_path / "stage1")
     tiny_llm().save_pretrained(tmp_path / "llm")
     from_paths = Blip2BridgeForConditionalGeneration.from_stage1_pretrained(
-        tmp_path / "stage1", tmp_path / "llm", tokenizer=make_llm_tokenizer()
+        tmp_path / "stage1", tmp_path / "llm", tokenizer=make_llm_tokenizer("opt")
     )
-    from_objects = build_stage2_model(stage1, tiny_llm(), tokenizer=make_llm_tokenizer())
+    from_objects = build_stage2_model(stage1, tiny_llm(), tokenizer=make_llm_tokenizer("opt"))
     # Only the new projection differs (its random initialisation).
     from_objects.language_projection.load_state_dict(from_paths.language_projection.state_dict())
     from_paths.save_pretrained(tmp_path / "stage2")
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "stage2")
     assert type(reloaded) is Blip2BridgeForConditionalGeneration
 
-    input_ids, _ = prompt_ids(make_llm_tokenizer(["<image>"]), from_paths.config.image_token_id)
+    input_ids, _ = prompt_ids(make_llm_tokenizer("opt"), from_paths.config.image_token_id)
     with torch.no_grad():
         logits = [m(pixel_values=images(), input_ids=input_ids).logits for m in (from_paths, from_objects, reloaded)]
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
@@ -192,5 +204,5 @@ def test_wrong_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="stage1_model is a Blip2BridgeForConditionalGeneration; expected a stage-1"):
         build_stage2_model(stage2, tiny_llm())
     with pytest.raises(ValueError, match="image_token_id=5 and a tokenizer were both given"):
-        build_stage2_model(tiny_model(), tiny_llm(), tokenizer=make_llm_tokenizer(), image_token_id=5)
+        build_stage2_model(tiny_model(), tiny_llm(), tokenizer=make_llm_tokenizer("opt"), image_token_id=5)
     assert isinstance(tiny_model(), Blip2BridgeModel)
