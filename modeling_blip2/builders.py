@@ -206,16 +206,15 @@ def build_stage2_model(
     image_token_id: without a tokenizer, the placeholder id to use; default: a row appended to the LLM's embeddings.
     config_kwargs: further `Blip2BridgeConfig` settings (e.g. `freeze_language_model`).
 
-    The model is returned in eval mode, as `from_pretrained` returns one. The language projection (Q-Former width -> LLM width) is new, initialised as transformers' BLIP-2 initialises it:
-    normal weights with std `initializer_range`, zero bias.
+    The language projection (Q-Former width -> LLM width) is new, initialised as transformers' BLIP-2 initialises it:
+    normal weights with std `initializer_range`, zero bias. The model is returned in eval mode, as `from_pretrained`
+    returns one.
     """
+    # A stage-1 model the caller passed is copied from: training stage 2 must not change it.
+    copy_tensors = isinstance(stage1_model, Blip2BridgeModel)
     if isinstance(stage1_model, (str, os.PathLike)):
         stage1_model = Blip2BridgeModel.from_pretrained(stage1_model)
-        stage1_tensors = named_tensors(stage1_model)
-    elif isinstance(stage1_model, Blip2BridgeModel):
-        # The caller keeps its stage-1 model: training stage 2 must not change it.
-        stage1_tensors = {name: tensor.detach().clone() for name, tensor in named_tensors(stage1_model).items()}
-    else:
+    elif not isinstance(stage1_model, Blip2BridgeModel):
         raise TypeError(
             f"stage1_model is a {type(stage1_model).__name__}; expected a stage-1 Blip2BridgeModel or the path of one"
         )
@@ -223,7 +222,7 @@ def build_stage2_model(
         language_model = load_language_model(language_model)
     image_token_id = add_image_token_to_language_model(language_model, tokenizer, image_token_id)
     config = stage2_config(stage1_model.config, language_model.config, image_token_id, **config_kwargs)
-    return assemble_stage2_model(config, stage1_tensors, language_model)
+    return assemble_stage2_model(config, named_tensors(stage1_model), language_model, copy_tensors=copy_tensors)
 
 
 def stage2_config(
@@ -241,13 +240,16 @@ def stage2_config(
 
 
 def assemble_stage2_model(
-    config: Blip2BridgeConfig, bridge_tensors: dict[str, torch.Tensor], language_model: PreTrainedModel
+    config: Blip2BridgeConfig,
+    bridge_tensors: dict[str, torch.Tensor],
+    language_model: PreTrainedModel,
+    copy_tensors: bool = False,
 ) -> Blip2BridgeForConditionalGeneration:
     """A stage-2 model around `language_model` (taken as it is), its other tensors from `bridge_tensors`.
 
     bridge_tensors: our names -> tensors (e.g. a stage-1 model's); those without a place in the stage-2 model (the
         stage-1 text side) are left out. Every vision / query / Q-Former tensor must be there; the language projection
-        is taken from them when present, else initialised fresh.
+        is taken from them when present, else initialised fresh. They are used as they are unless `copy_tensors`.
     """
     check_language_model(language_model)
     # Built on the meta device: no memory and no initialisation for the parts that are replaced right after.
@@ -273,10 +275,12 @@ def assemble_stage2_model(
     for name in needed:
         module_name, _, tensor_name = name.rpartition(".")
         module = model.get_submodule(module_name)
+        tensor = bridge_tensors[name].detach()
+        tensor = tensor.clone() if copy_tensors else tensor
         if tensor_name in module._parameters:
-            module._parameters[tensor_name] = nn.Parameter(bridge_tensors[name], requires_grad=True)
+            module._parameters[tensor_name] = nn.Parameter(tensor)
         else:
-            module._buffers[tensor_name] = bridge_tensors[name]
+            module._buffers[tensor_name] = tensor
     model.requires_grad_(True)
     model._freeze_frozen_modules()
     return model.eval()  # as from_pretrained returns a model; Trainer switches it to training
