@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM, OPTModel
 
-from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeModel
+from modeling_blip2 import Blip2BridgeForConditionalGeneration
 from modeling_blip2.builders import build_stage2_model
 from tests.helpers import make_llm_tokenizer
 from tests.test_stage2 import TEXT_CONFIGS
@@ -205,4 +205,3 @@ def test_wrong_inputs_are_clear_errors():
         build_stage2_model(stage2, tiny_llm())
     with pytest.raises(ValueError, match="image_token_id=5 and a tokenizer were both given"):
         build_stage2_model(tiny_model(), tiny_llm(), tokenizer=make_llm_tokenizer("opt"), image_token_id=5)
-    assert isinstance(tiny_model(), Blip2BridgeModel)
