@@ -1,45 +1,44 @@
-"""Builds a stage-1 BLIP-2 model from a pretrained vision encoder and a pretrained BERT, initialised as the paper does.
+"""Builds BLIP-2 models from pretrained parts, initialised as the paper does.
 
-The Q-Former takes BERT's hyper-parameters and weights: embeddings, and in every layer the self-attention and the
-feed-forward, which the queries' feed-forward also starts from. The cross-attention blocks and the queries are new
-(normal with std `initializer_range`); the ITG head starts from BERT's masked-LM head when there is one. BERT's
-token-type embeddings and pooler have no place in the Q-Former and are dropped, as LAVIS drops them.
+Stage 1 (`build_stage1_model`): a pretrained vision encoder and a pretrained BERT. The Q-Former takes BERT's
+hyper-parameters and weights: embeddings, and in every layer the self-attention and the feed-forward, which the
+queries' feed-forward also starts from. The cross-attention blocks and the queries are new (normal with std
+`initializer_range`); the ITG head starts from BERT's masked-LM head when there is one. BERT's token-type embeddings
+and pooler have no place in the Q-Former and are dropped, as LAVIS drops them.
+
+Stage 2 (`build_stage2_model`): a stage-1 model and a pretrained language model. The vision encoder, `vision_layernorm`,
+the queries and the Q-Former's query path come from stage 1; the stage-1 text side (word/position embeddings, text
+feed-forward, ITG head, ITC projections, ITM head, temperature) is dropped, as the original drops it in stage 2. The
+language projection is new.
 """
 
 import os
 
 import torch
 from torch import nn
+from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel, vision_model_class
-from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
+from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from .weight_mapping import BERT_HYPERPARAMETERS, ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 
 
 DEC_TOKEN = "[DEC]"
-
-# BERT's hyper-parameters that the Q-Former takes over unchanged.
-BERT_HYPERPARAMETERS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "initializer_range",
-    "layer_norm_eps",
-    "pad_token_id",
-)
+# The LLM's image placeholder, the one `Blip2BridgeProcessor` (and transformers' Blip2Processor) adds. Not imported
+# from the processor: this module travels as remote code with a saved model, the processing package does not.
+IMAGE_TOKEN = "<image>"
 
 # Our tensors with one row per vocabulary entry: BERT's are shorter by the [DEC] row.
 VOCABULARY_ROWS = ("qformer.word_embeddings.weight", "itg_head.decoder.bias")
@@ -176,4 +175,167 @@ def load_text_model(path: str | os.PathLike) -> PreTrainedModel:
     return model.bert if head_missing else model
 
 
-__all__ = ["build_stage1_model"]
+# ---- stage 2 ---------------------------------------------------------------------------------------------------
+
+# Settings a stage-2 model keeps from its stage-1 model: the vision side and the Q-Former's shape.
+STAGE1_SETTINGS = (
+    "num_query_tokens",
+    "vision_feature_layer",
+    "vision_layer_norm_eps",
+    "freeze_vision_model",
+    "initializer_range",
+)
+
+
+def build_stage2_model(
+    stage1_model: str | os.PathLike | Blip2BridgeModel,
+    language_model: str | os.PathLike | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_token_id: int | None = None,
+    **config_kwargs,
+) -> Blip2BridgeForConditionalGeneration:
+    """A stage-2 `Blip2BridgeForConditionalGeneration` from a stage-1 model and a pretrained language model.
+
+    stage1_model: a `Blip2BridgeModel` or the path / hub id of a saved one. Its vision encoder, `vision_layernorm`,
+        queries and Q-Former (query path) are copied; its text-side weights are not carried.
+    language_model: a causal LM (`AutoModelForCausalLM`) or a seq2seq LM (`AutoModelForSeq2SeqLM`) with its LM head, or
+        a path / hub id of one. It becomes the model's `language_model` as it is (not copied) and is frozen unless
+        `freeze_language_model=False`.
+    tokenizer: the LLM's tokenizer; modified in place: it gets the special token "<image>" if it lacks it, whose id
+        becomes `config.image_token_id`. The LLM's embeddings grow when the tokenizer outgrows them.
+    image_token_id: without a tokenizer, the placeholder id to use; default: a row appended to the LLM's embeddings.
+    config_kwargs: further `Blip2BridgeConfig` settings (e.g. `freeze_language_model`).
+
+    The language projection (Q-Former width -> LLM width) is new, initialised as transformers' BLIP-2 initialises it:
+    normal weights with std `initializer_range`, zero bias. The model is returned in eval mode, as `from_pretrained`
+    returns one.
+    """
+    # A stage-1 model the caller passed is copied from: training stage 2 must not change it.
+    copy_tensors = isinstance(stage1_model, Blip2BridgeModel)
+    if isinstance(stage1_model, (str, os.PathLike)):
+        stage1_model = Blip2BridgeModel.from_pretrained(stage1_model)
+    elif not isinstance(stage1_model, Blip2BridgeModel):
+        raise TypeError(
+            f"stage1_model is a {type(stage1_model).__name__}; expected a stage-1 Blip2BridgeModel or the path of one"
+        )
+    if isinstance(language_model, (str, os.PathLike)):
+        language_model = load_language_model(language_model)
+    image_token_id = add_image_token_to_language_model(language_model, tokenizer, image_token_id)
+    config = stage2_config(stage1_model.config, language_model.config, image_token_id, **config_kwargs)
+    return assemble_stage2_model(config, named_tensors(stage1_model), language_model, copy_tensors=copy_tensors)
+
+
+def stage2_config(
+    bridge_config: Blip2BridgeConfig, text_config: PreTrainedConfig, image_token_id: int | None, **config_kwargs
+) -> Blip2BridgeConfig:
+    """The stage-2 configuration of a stage-1 configuration (vision side, queries, Q-Former) and an LLM's."""
+    settings = {name: getattr(bridge_config, name) for name in STAGE1_SETTINGS}
+    return Blip2BridgeConfig(
+        vision_config=bridge_config.vision_config,
+        qformer_config={**bridge_config.qformer_config.to_dict(), "use_text_input": False},
+        text_config=text_config,
+        image_token_id=image_token_id,
+        **{**settings, **config_kwargs},
+    )
+
+
+def assemble_stage2_model(
+    config: Blip2BridgeConfig,
+    bridge_tensors: dict[str, torch.Tensor],
+    language_model: PreTrainedModel,
+    copy_tensors: bool = False,
+) -> Blip2BridgeForConditionalGeneration:
+    """A stage-2 model around `language_model` (taken as it is), its other tensors from `bridge_tensors`.
+
+    bridge_tensors: our names -> tensors (e.g. a stage-1 model's); those without a place in the stage-2 model (the
+        stage-1 text side) are left out. Every vision / query / Q-Former tensor must be there; the language projection
+        is taken from them when present, else initialised fresh. They are used as they are unless `copy_tensors`.
+    """
+    check_language_model(language_model)
+    # Built on the meta device: no memory and no initialisation for the parts that are replaced right after.
+    with torch.device("meta"):
+        model = Blip2BridgeForConditionalGeneration(config)
+    model.language_model = language_model
+    model.config.text_config = language_model.config
+    if not any(name.startswith("language_projection.") for name in bridge_tensors):
+        model.language_projection = nn.Linear(model.language_projection.in_features, language_model.config.hidden_size)
+        model._init_weights(model.language_projection)
+
+    ours = named_tensors(model)
+    needed = {name for name, tensor in ours.items() if tensor.is_meta}
+    missing = sorted(needed - set(bridge_tensors))
+    if missing:
+        raise ValueError(f"the stage-1 weights lack {len(missing)} tensors of the stage-2 model, e.g. {missing[:3]}")
+    for name in needed:
+        if bridge_tensors[name].shape != ours[name].shape:
+            raise ValueError(
+                f"{name} has shape {tuple(bridge_tensors[name].shape)}; the stage-2 model expects {tuple(ours[name].shape)}"
+            )
+    # Non-persistent buffers (e.g. CLIP's position ids) are not in state_dict(): set every tensor by name instead.
+    for name in needed:
+        module_name, _, tensor_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = bridge_tensors[name].detach()
+        tensor = tensor.clone() if copy_tensors else tensor
+        if tensor_name in module._parameters:
+            module._parameters[tensor_name] = nn.Parameter(tensor)
+        else:
+            module._buffers[tensor_name] = tensor
+    model.requires_grad_(True)
+    model._freeze_frozen_modules()
+    return model.eval()  # as from_pretrained returns a model; Trainer switches it to training
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent buffers included."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def check_language_model(language_model: PreTrainedModel) -> None:
+    if not isinstance(language_model, PreTrainedModel) or language_model.get_output_embeddings() is None:
+        raise TypeError(
+            f"language_model is a {type(language_model).__name__}; expected a language model with its LM head, as "
+            "AutoModelForCausalLM or AutoModelForSeq2SeqLM builds it (e.g. OPTForCausalLM, T5ForConditionalGeneration)"
+        )
+
+
+def add_image_token_to_language_model(
+    language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, image_token_id: int | None
+) -> int:
+    """The image placeholder id; the LLM's embeddings grow to hold it (and every token of the tokenizer)."""
+    check_language_model(language_model)
+    num_rows = language_model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None:
+        if image_token_id is not None:
+            raise ValueError(
+                f"image_token_id={image_token_id} and a tokenizer were both given; the tokenizer's image token "
+                "sets the id"
+            )
+        image_token_id = add_image_token(tokenizer)
+        needed_rows = len(tokenizer)
+    elif image_token_id is None:
+        image_token_id, needed_rows = num_rows, num_rows + 1
+    else:
+        needed_rows = image_token_id + 1
+    if needed_rows > num_rows:
+        language_model.resize_token_embeddings(needed_rows)
+    return image_token_id
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of the image placeholder, the token `Blip2BridgeProcessor` puts before every prompt: the tokenizer's
+    `image_token` if it names one, else "<image>", added as a special token (never split, never lower-cased)."""
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def load_language_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """A causal or seq2seq LM checkpoint with its LM head, by what its config says it is."""
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return model_class.from_pretrained(path, config=config)
+
+
+__all__ = ["build_stage1_model", "build_stage2_model"]

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .convert_lavis import VISION_PRESETS, convert_lavis_checkpoint
+from .convert_lavis import VISION_PRESETS, load_lavis_checkpoint
 from .evaluation.command import add_evaluate_command
 from .training.cli_train import add_train_command
 
@@ -36,12 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
 def add_convert_command(subcommands) -> None:
     parser = subcommands.add_parser(
         "convert",
-        help="convert an original checkpoint to a blip2-bridge model folder",
+        help="convert an original checkpoint to a blip2-bridge model folder, or a stage-2 model to transformers' BLIP-2",
         description="Convert an original BLIP-2 checkpoint to a model folder that AutoModel.from_pretrained loads "
-        "(after `import modeling_blip2`).",
+        "(after `import modeling_blip2`), or a stage-2 model to transformers' Blip2ForConditionalGeneration format.",
     )
-    parser.add_argument("--from", dest="source_format", required=True, choices=["lavis"], help="checkpoint format")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="LAVIS stage-1 .pth file ({'model': state_dict})")
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=["lavis", "blip2-bridge"],
+        help="checkpoint format: an original LAVIS .pth file, or a blip2-bridge model folder",
+    )
+    parser.add_argument(
+        "--to",
+        dest="target_format",
+        default="blip2-bridge",
+        choices=["blip2-bridge", "transformers"],
+        help="output format: a blip2-bridge model folder (default), or transformers' Blip2ForConditionalGeneration "
+        "(stage-2 models with a Blip2VisionModel tower)",
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="LAVIS .pth file ({'model': state_dict}): stage 1 (blip2, blip2_feature_extractor) or stage 2 (blip2_opt, "
+        "blip2_t5); or a blip2-bridge model folder",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the converted model to")
     parser.add_argument(
         "--vision",
@@ -58,28 +77,70 @@ def add_convert_command(subcommands) -> None:
     parser.add_argument(
         "--qformer-config", metavar="FILE.json", help="BERT-style Q-Former config; default: BERT-base"
     )
+    parser.add_argument(
+        "--language-model",
+        metavar="PATH",
+        help="stage-2 checkpoints: the pretrained LLM they were trained with (folder or hub id, e.g. facebook/opt-2.7b); "
+        "its tokenizer, with <image> added, is saved next to the model",
+    )
     parser.set_defaults(run=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    model = convert_lavis_checkpoint(
-        args.checkpoint,
-        args.output,
-        vision=args.vision,
-        qformer_config=args.qformer_config,
-        vision_checkpoint=args.vision_checkpoint,
-    )
-    parameters = list(model.parameters())
+    if args.source_format == "lavis":
+        model, tokenizer = load_lavis_checkpoint(
+            args.checkpoint,
+            vision=args.vision,
+            qformer_config=args.qformer_config,
+            vision_checkpoint=args.vision_checkpoint,
+            language_model=args.language_model,
+        )
+        text_config = model.config.text_config
+        source = "LAVIS stage 1" if text_config is None else f"LAVIS stage 2, LLM {text_config.model_type}"
+    else:
+        lavis_options = ("vision", "vision_checkpoint", "qformer_config", "language_model")
+        given = [f"--{name.replace('_', '-')}" for name in lavis_options if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --from lavis only; a blip2-bridge folder holds its config")
+        model, tokenizer = load_blip2_bridge_folder(args.checkpoint)
+        source = f"blip2-bridge {type(model).__name__}"
+    if args.target_format == "transformers":
+        from .export_transformers import export_to_transformers
+
+        saved = export_to_transformers(model, args.output, tokenizer=tokenizer)
+        target = "transformers Blip2ForConditionalGeneration"
+    else:
+        model.save_pretrained(args.output)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.output)
+        saved, target = model, "blip2-bridge"
+
+    parameters = list(saved.parameters())
     total = sum(parameter.numel() for parameter in parameters)
     trainable = sum(parameter.numel() for parameter in parameters if parameter.requires_grad)
     output = Path(args.output).resolve()
     size_on_disk = sum(file.stat().st_size for file in output.glob("*.safetensors"))
     vision_config = model.config.vision_config
     vision = f"{vision_config.model_type}, {vision_config.num_hidden_layers} layers"
-    print(f"Converted {args.checkpoint} (LAVIS stage 1, vision tower {vision})")
+    print(f"Converted {args.checkpoint} ({source}, vision tower {vision}) to {target}")
     print(f"  {count(total)} parameters, {count(trainable)} trainable; {size_on_disk / 1e6:,.1f} MB of safetensors")
     print(f"  written to {output}")
     return 0
+
+
+def load_blip2_bridge_folder(path: str):
+    """A saved blip2-bridge model (either stage) and the tokenizer saved beside it, if any."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForPreTraining, AutoTokenizer
+
+    from . import Blip2BridgeConfig  # registers the Auto classes
+
+    config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, Blip2BridgeConfig):
+        raise ValueError(f"{path} holds a {config.model_type!r} model; expected a blip2-bridge ('blip2_bridge') folder")
+    auto_class = AutoModelForPreTraining if config.text_config is None else AutoModelForImageTextToText
+    model = auto_class.from_pretrained(path)
+    has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
 
 
 def count(number: int) -> str:

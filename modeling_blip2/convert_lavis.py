@@ -1,11 +1,16 @@
-"""Converts original LAVIS BLIP-2 stage-1 checkpoints (`blip2`, `blip2_feature_extractor`) to a `Blip2BridgeModel`.
+"""Converts original LAVIS BLIP-2 checkpoints: stage 1 (`blip2`, `blip2_feature_extractor`) to a `Blip2BridgeModel`,
+stage 2 (`blip2_opt`, `blip2_t5`) to a `Blip2BridgeForConditionalGeneration`.
 
 A LAVIS checkpoint is a `.pth` file `{"model": state_dict, ...}` whose state dict holds
 - `visual_encoder.*`: the frozen image encoder, EVA ViT-g (`lavis/models/eva_vit.py`) or CLIP ViT-L
   (`lavis/models/clip_vit.py`). LAVIS's runner leaves frozen parameters out when it saves a checkpoint, so the
   tower's own file (LAVIS's `eva_vit_g.pth` or `clip_vit_L.pth`) may have to provide them;
-- `ln_vision.*`, `Qformer.bert.*`, `Qformer.cls.*`, `query_tokens`, `vision_proj.*`, `text_proj.*`, `itm_head.*`,
-  `temp`.
+- `ln_vision.*`, `Qformer.bert.*`, `query_tokens`;
+- stage 1: `Qformer.cls.*`, `vision_proj.*`, `text_proj.*`, `itm_head.*`, `temp`;
+- stage 2: `opt_proj.*` or `t5_proj.*`, the language projection. The stage-2 models set the Q-Former's text side to
+  None (`Qformer.cls`, word/position embeddings, every layer's text feed-forward `intermediate`/`output`), so it is not
+  in the file, and the frozen LLM (`opt_model.*` / `t5_model.*`) is usually not either: it comes from its own
+  pretrained checkpoint (`language_model`). LLM tensors that the file does hold replace the pretrained ones.
 
 Files are read with `torch.load(..., weights_only=True)`: a checkpoint can hold tensors, never code.
 
@@ -26,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .builders import add_image_token_to_language_model, assemble_stage2_model, load_language_model, stage2_config
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel
+from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 
 
@@ -69,8 +76,27 @@ VISION_PRESETS = {
     },
 }
 
-# Prefixes of stage-2 (OPT / FlanT5) checkpoints, whose conversion belongs to the stage-2 model.
-STAGE2_PREFIXES = ("opt_proj.", "opt_model.", "t5_proj.", "t5_model.", "llm_proj.", "llm_model.")
+@dataclass(frozen=True)
+class LavisStage2Model:
+    """A LAVIS stage-2 model: where its projection and LLM live in the state dict, and how it configures the LLM."""
+
+    name: str
+    projection_prefix: str
+    language_model_prefix: str
+    # LAVIS's blip2_t5 runs FlanT5 with exact GELU (`t5_config.dense_act_fn = "gelu"`), not the checkpoint's gelu_new.
+    language_model_config: tuple[tuple[str, object], ...] = ()
+
+
+LAVIS_STAGE2_MODELS = (
+    LavisStage2Model("blip2_opt", "opt_proj.", "opt_model."),
+    LavisStage2Model("blip2_t5", "t5_proj.", "t5_model.", language_model_config=(("dense_act_fn", "gelu"),)),
+)
+# InstructBLIP (blip2_vicuna_instruct, blip2_t5_instruct) keeps the Q-Former's text side for the instruction.
+INSTRUCTBLIP_PREFIXES = ("llm_proj.", "llm_model.")
+# The stage-1 text side, which LAVIS's stage-2 models drop.
+QFORMER_TEXT_SIDE = re.compile(
+    r"Qformer\.(cls\.|bert\.embeddings\.(word|position)_embeddings\.|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
+)
 
 # LAVIS's ITG decoder shares these tensors (BertLMPredictionHead ties them) and saves them twice.
 TIED_COPIES = {
@@ -274,13 +300,31 @@ def with_vision_weights(
     return state_dict
 
 
-def refuse_stage2_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> None:
-    stage2_keys = sorted(key for key in state_dict if key.startswith(STAGE2_PREFIXES))
-    if stage2_keys:
+def lavis_stage2_model_of(state_dict: Mapping[str, torch.Tensor]) -> LavisStage2Model | None:
+    """The LAVIS stage-2 model whose projection the checkpoint holds, or None for a stage-1 checkpoint."""
+    instructblip_keys = sorted(key for key in state_dict if key.startswith(INSTRUCTBLIP_PREFIXES))
+    if instructblip_keys:
         raise ValueError(
-            f"this is a stage-2 (LLM) checkpoint (it holds {stage2_keys[0]!r} and {len(stage2_keys) - 1} more LLM "
-            "tensors); only stage-1 checkpoints (LAVIS's blip2 / blip2_feature_extractor) convert for now"
+            f"the checkpoint holds {instructblip_keys[0]!r}: an InstructBLIP checkpoint, whose Q-Former also reads "
+            "the instruction; only BLIP-2 checkpoints (blip2, blip2_feature_extractor, blip2_opt, blip2_t5) convert"
         )
+    found = [
+        model
+        for model in LAVIS_STAGE2_MODELS
+        if any(key.startswith((model.projection_prefix, model.language_model_prefix)) for key in state_dict)
+    ]
+    if len(found) > 1:
+        raise ValueError(f"the checkpoint holds the tensors of both {found[0].name} and {found[1].name}")
+    return found[0] if found else None
+
+
+def split_language_model_weights(
+    state_dict: Mapping[str, torch.Tensor], stage2_model: LavisStage2Model
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the rest, the LLM's tensors under the LLM's own names)."""
+    prefix = stage2_model.language_model_prefix
+    language_model = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return {key: value for key, value in state_dict.items() if not key.startswith(prefix)}, language_model
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -338,48 +382,97 @@ def qformer_config_kwargs(qformer_config) -> dict:
     return kwargs
 
 
+def check_language_model_given(stage2_model: LavisStage2Model | None, language_model_given: bool) -> None:
+    """A stage-2 checkpoint needs its LLM; a stage-1 checkpoint has none."""
+    if stage2_model is None and language_model_given:
+        raise ValueError(
+            "a language model was given, but this is a stage-1 checkpoint (no opt_proj.* or t5_proj.*), which has none"
+        )
+    if stage2_model is not None and not language_model_given:
+        raise ValueError(
+            f"this is a {stage2_model.name} (stage-2) checkpoint: its frozen LLM comes from its own pretrained "
+            "checkpoint; pass it as language_model (--language-model on the command line)"
+        )
+
+
+def check_ranks(state_dict: Mapping[str, torch.Tensor], ranks: dict[str, int], kind: str) -> None:
+    for key, rank in ranks.items():
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no {key!r}; expected a LAVIS BLIP-2 {kind} checkpoint")
+        if state_dict[key].dim() != rank:
+            raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}; expected {rank} dimensions")
+
+
 def lavis_config_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor], vision=None, qformer_config=None
+    state_dict: Mapping[str, torch.Tensor],
+    vision=None,
+    qformer_config=None,
+    text_config: PreTrainedConfig | None = None,
+    image_token_id: int | None = None,
 ) -> Blip2BridgeConfig:
-    """The configuration of a LAVIS stage-1 checkpoint.
+    """The configuration of a LAVIS checkpoint.
 
     vision: a preset (`"eva_clip_g"`, `"clip_L"`), a JSON file or dict of a transformers vision config, or a config;
         default: the preset of the checkpoint's tower layout.
     qformer_config: BERT-style settings (dict, JSON file or config) over BERT-base's; default BERT-base.
-    The checkpoint itself tells the number of queries, the ITC width and the vocabulary size; the [DEC] token is the
-    last vocabulary row unless `qformer_config` names a `bos_token_id`.
+    text_config, image_token_id: for a stage-2 checkpoint, the configuration of its pretrained LLM and the id of the
+        image placeholder in the LLM's vocabulary.
+    The checkpoint itself tells the number of queries and, for stage 1, the ITC width and the vocabulary size; the
+    [DEC] token is the last vocabulary row unless `qformer_config` names a `bos_token_id`.
     """
-    refuse_stage2_checkpoint(state_dict)
-    word_embeddings_key = "Qformer.bert.embeddings.word_embeddings.weight"
-    for key, rank in (("query_tokens", 3), ("vision_proj.weight", 2), (word_embeddings_key, 2)):
-        if key not in state_dict:
-            raise ValueError(f"the checkpoint has no {key!r}; expected a LAVIS BLIP-2 stage-1 checkpoint")
-        if state_dict[key].dim() != rank:
-            raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}; expected {rank} dimensions")
+    stage2_model = lavis_stage2_model_of(state_dict)
+    check_language_model_given(stage2_model, text_config is not None)
     vision_config = vision_config_for(vision, vision_layout_of(state_dict))
-    vocab_size = state_dict[word_embeddings_key].shape[0]
-    qformer_kwargs = {"bos_token_id": vocab_size - 1, **qformer_config_kwargs(qformer_config), "vocab_size": vocab_size}
-    return Blip2BridgeConfig(
+    if stage2_model is None:
+        word_embeddings_key = "Qformer.bert.embeddings.word_embeddings.weight"
+        check_ranks(state_dict, {"query_tokens": 3, "vision_proj.weight": 2, word_embeddings_key: 2}, "stage-1")
+        vocab_size = state_dict[word_embeddings_key].shape[0]
+        qformer_kwargs = {"bos_token_id": vocab_size - 1, **qformer_config_kwargs(qformer_config)}
+        return Blip2BridgeConfig(
+            vision_config=vision_config,
+            qformer_config=Blip2BridgeQFormerConfig(**qformer_kwargs, vocab_size=vocab_size),
+            num_query_tokens=state_dict["query_tokens"].shape[1],
+            embed_dim=state_dict["vision_proj.weight"].shape[0],
+            vision_feature_layer=-1,
+        )
+
+    projection_key = stage2_model.projection_prefix + "weight"
+    check_ranks(state_dict, {"query_tokens": 3, projection_key: 2}, "stage-2")
+    if state_dict[projection_key].shape[0] != text_config.hidden_size:
+        raise ValueError(
+            f"{projection_key} has shape {tuple(state_dict[projection_key].shape)}: it projects to width "
+            f"{state_dict[projection_key].shape[0]}, but the language model given ({text_config.model_type}) has "
+            f"hidden_size {text_config.hidden_size}; expected the LLM the checkpoint was trained with"
+        )
+    bridge_config = Blip2BridgeConfig(
         vision_config=vision_config,
-        qformer_config=Blip2BridgeQFormerConfig(**qformer_kwargs),
+        qformer_config=Blip2BridgeQFormerConfig(**qformer_config_kwargs(qformer_config), use_text_input=False),
         num_query_tokens=state_dict["query_tokens"].shape[1],
-        embed_dim=state_dict["vision_proj.weight"].shape[0],
         vision_feature_layer=-1,
     )
+    return stage2_config(bridge_config, text_config, image_token_id)
 
 
 # ---- conversion -------------------------------------------------------------------------------------------------
 
 
 def expected_shapes(config: Blip2BridgeConfig) -> dict[str, tuple[int, ...]]:
-    """Our state dict's names and shapes, from a model on the meta device (no memory, no initialisation cost)."""
+    """Our state dict's names and shapes, from a model on the meta device (no memory, no initialisation cost).
+
+    For a stage-2 configuration, the LLM's tensors are left out: they come from the LLM's own checkpoint.
+    """
     with torch.device("meta"):
-        model = Blip2BridgeModel(config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        model = Blip2BridgeModel(config) if config.text_config is None else Blip2BridgeForConditionalGeneration(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    return {name: shape for name, shape in shapes.items() if not name.startswith("language_model.")}
 
 
 def lavis_weight_rules(
-    config: Blip2BridgeConfig, our_names, state_dict: Mapping[str, torch.Tensor], layout: VisionLayout
+    config: Blip2BridgeConfig,
+    our_names,
+    state_dict: Mapping[str, torch.Tensor],
+    layout: VisionLayout,
+    stage2_model: LavisStage2Model | None,
 ) -> list[WeightRule]:
     qformer_config = config.qformer_config
     qformer_sources = parameter_sources(
@@ -390,19 +483,26 @@ def lavis_weight_rules(
         target_prefix="qformer.",
         source_prefix="Qformer.bert.",
     )
-    qformer_sources.update(parameter_sources(ITG_HEAD_MODULE_SOURCES, our_names, source_prefix=QFORMER_PREFIX))
+    shared_rules = [
+        *(with_prefixes(rule, "vision_model.", VISION_PREFIX) for rule in layout.rules(config.vision_config)),
+        *copy_module_rules("vision_layernorm", "ln_vision"),
+        copy_rule("query_tokens", "query_tokens"),
+        *(copy_rule(target, source) for target, source in qformer_sources.items()),
+    ]
+    if stage2_model is not None:  # our stage-2 Q-Former has no text side, so the table above holds none
+        return [*shared_rules, *copy_module_rules("language_projection", stage2_model.projection_prefix[:-1])]
+
+    qformer_sources = parameter_sources(ITG_HEAD_MODULE_SOURCES, our_names, source_prefix=QFORMER_PREFIX)
     # LAVIS ties cls.predictions.decoder.bias to cls.predictions.bias and saves both; older saves may hold only one.
     decoder_bias = "Qformer.cls.predictions.bias"
     if decoder_bias not in state_dict and "Qformer.cls.predictions.decoder.bias" in state_dict:
         decoder_bias = "Qformer.cls.predictions.decoder.bias"
     return [
-        *(with_prefixes(rule, "vision_model.", VISION_PREFIX) for rule in layout.rules(config.vision_config)),
-        *copy_module_rules("vision_layernorm", "ln_vision"),
+        *shared_rules,
         *(copy_rule(target, source) for target, source in qformer_sources.items()),
         # The ITG decoder weight is tied to the word embeddings, in LAVIS as in ours.
         copy_rule("itg_head.decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight"),
         copy_rule("itg_head.decoder.bias", decoder_bias),
-        copy_rule("query_tokens", "query_tokens"),
         *copy_module_rules("vision_proj", "vision_proj"),
         *copy_module_rules("text_proj", "text_proj"),
         *copy_module_rules("itm_head", "itm_head"),
@@ -414,6 +514,8 @@ def reason_to_ignore(key: str, config: Blip2BridgeConfig, layout: VisionLayout) 
     """Why a checkpoint tensor that no rule reads may be left out, or None when it should not be in the checkpoint."""
     if key == "Qformer.bert.embeddings.position_ids":
         return "a buffer of position indices"
+    if config.text_config is not None and QFORMER_TEXT_SIDE.match(key):
+        return "the Q-Former's text side, which stage 2 does not use (LAVIS's stage-2 models drop it)"
     if key in TIED_COPIES:
         return f"a tied copy of {TIED_COPIES[key]}"
     if key.startswith(VISION_PREFIX):
@@ -446,16 +548,22 @@ def refuse_too_shallow_tower(state_dict, vision_config: PreTrainedConfig, layout
 def convert_lavis_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: Blip2BridgeConfig
 ) -> dict[str, torch.Tensor]:
-    """A LAVIS stage-1 state dict (with `visual_encoder.*`) as our `Blip2BridgeModel(config)` state dict.
+    """A LAVIS state dict (with `visual_encoder.*`) as the state dict of our model of `config`.
 
+    Stage 1: a `Blip2BridgeModel(config)` state dict. Stage 2 (`config.text_config` set): the state dict of a
+    `Blip2BridgeForConditionalGeneration(config)` without its `language_model.*`, which the LLM's own checkpoint
+    provides; the checkpoint must hold no LLM tensors (see `split_language_model_weights`).
     Every tensor of ours is filled; every checkpoint tensor is used or deliberately ignored (position-id buffer, tied
-    copies, vision blocks and heads that LAVIS's tower does not build). Anything else, a missing tensor, or a shape that
-    does not fit `config` raises a ValueError naming the checkpoint key.
+    copies, vision blocks and heads that LAVIS's tower does not build, the Q-Former's text side in stage 2). Anything
+    else, a missing tensor, or a shape that does not fit `config` raises a ValueError naming the checkpoint key.
     """
-    refuse_stage2_checkpoint(state_dict)
+    stage2_model = lavis_stage2_model_of(state_dict)
+    if (stage2_model is None) != (config.text_config is None):
+        checkpoint_stage, config_stage = ("stage-1", "stage-2") if stage2_model is None else ("stage-2", "stage-1")
+        raise ValueError(f"a {checkpoint_stage} checkpoint cannot fill a {config_stage} configuration")
     layout = vision_layout_of(state_dict)
     shapes = expected_shapes(config)
-    rules = lavis_weight_rules(config, shapes, state_dict, layout)
+    rules = lavis_weight_rules(config, shapes, state_dict, layout, stage2_model)
 
     refuse_too_shallow_tower(state_dict, config.vision_config, layout)
     missing = [source for rule in rules for source in rule.sources if source not in state_dict]
@@ -509,22 +617,106 @@ def convert_lavis_checkpoint(
     vision=None,
     qformer_config=None,
     vision_checkpoint: str | os.PathLike | None = None,
-) -> Blip2BridgeModel:
-    """Converts a LAVIS stage-1 `.pth` checkpoint and saves it to `output_dir` (safetensors); returns the model.
+    language_model: str | os.PathLike | PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Blip2BridgeModel | Blip2BridgeForConditionalGeneration:
+    """Converts a LAVIS `.pth` checkpoint and saves it to `output_dir` (safetensors); returns the model.
+
+    The arguments are those of `load_lavis_checkpoint`; a stage-2 model's tokenizer is saved beside it.
+    """
+    model, tokenizer = load_lavis_checkpoint(
+        checkpoint_path, vision, qformer_config, vision_checkpoint, language_model, tokenizer
+    )
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return model
+
+
+def load_lavis_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    vision=None,
+    qformer_config=None,
+    vision_checkpoint: str | os.PathLike | None = None,
+    language_model: str | os.PathLike | PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[Blip2BridgeModel | Blip2BridgeForConditionalGeneration, PreTrainedTokenizerBase | None]:
+    """Our model of a LAVIS `.pth` checkpoint, and the LLM's tokenizer (with "<image>") for a stage-2 one.
 
     vision: `"eva_clip_g"`, `"clip_L"` or a JSON file of a transformers vision config; default: the checkpoint's
         tower layout's preset. qformer_config: a BERT-style JSON file or dict; default BERT-base.
     vision_checkpoint: the vision tower's own weights (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`), for checkpoints
         saved without their frozen image encoder.
+    language_model: for a stage-2 checkpoint (`blip2_opt`, `blip2_t5`), the pretrained LLM it was trained with (a path
+        or hub id, or a model). tokenizer: its tokenizer; default: the one saved with `language_model` when it is a
+        path. The tokenizer gets "<image>" for `config.image_token_id`.
     """
     vision_weights = None if vision_checkpoint is None else load_lavis_state_dict(vision_checkpoint)
     state_dict = with_vision_weights(load_lavis_state_dict(checkpoint_path), vision_weights)
-    config = lavis_config_from_state_dict(state_dict, vision=vision, qformer_config=qformer_config)
-    weights = convert_lavis_state_dict(state_dict, config)
-    model = Blip2BridgeModel(config)
-    model.load_state_dict(weights, strict=True)
-    model.save_pretrained(output_dir)
-    return model
+    stage2_model = lavis_stage2_model_of(state_dict)
+    check_language_model_given(stage2_model, language_model is not None)
+    if stage2_model is None:
+        config = lavis_config_from_state_dict(state_dict, vision=vision, qformer_config=qformer_config)
+        model = Blip2BridgeModel(config)
+        model.load_state_dict(convert_lavis_state_dict(state_dict, config), strict=True)
+        return model, None
+
+    state_dict, language_model_weights = split_language_model_weights(state_dict, stage2_model)
+    language_model, tokenizer = lavis_language_model(language_model, tokenizer, stage2_model)
+    if language_model_weights:
+        load_language_model_weights(language_model, language_model_weights, stage2_model)
+    image_token_id = add_image_token_to_language_model(language_model, tokenizer, None)
+    config = lavis_config_from_state_dict(
+        state_dict, vision=vision, qformer_config=qformer_config, text_config=language_model.config,
+        image_token_id=image_token_id,
+    )  # fmt: skip
+    return assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model), tokenizer
+
+
+def lavis_language_model(
+    language_model: str | os.PathLike | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    stage2_model: LavisStage2Model,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The pretrained LLM configured as LAVIS runs it, and its tokenizer."""
+    overrides = dict(stage2_model.language_model_config)
+    if isinstance(language_model, PreTrainedModel):
+        differing = {k: getattr(language_model.config, k, None) for k, v in overrides.items()}
+        differing = {k: v for k, v in differing.items() if v != overrides[k]}
+        if differing:
+            logger.warning(
+                f"{stage2_model.name} runs its LLM with {overrides}; the language model given has {differing}. Pass "
+                "its path instead to have it loaded with LAVIS's settings"
+            )
+        return language_model, tokenizer
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(language_model)
+        except (OSError, ValueError):
+            logger.warning(f"no tokenizer found with {language_model}; the image placeholder becomes a new LLM row")
+    if overrides:
+        logger.info(f"loading {language_model} with {overrides}, as {stage2_model.name} does")
+    return load_language_model(language_model, **overrides), tokenizer
+
+
+def load_language_model_weights(
+    language_model: PreTrainedModel, weights: dict[str, torch.Tensor], stage2_model: LavisStage2Model
+) -> None:
+    """LLM tensors saved in the checkpoint (LAVIS's OPT and T5 copies keep transformers' names) replace the LLM's."""
+    ours = language_model.state_dict()
+    prefix = stage2_model.language_model_prefix
+    unknown = sorted(name for name in weights if name not in ours)
+    if unknown:
+        raise ValueError(
+            f"the checkpoint's {prefix}* tensors do not fit the language model given, e.g. {prefix}{unknown[0]}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != ours[name].shape:
+            raise ValueError(
+                f"{prefix}{name} has shape {tuple(tensor.shape)}; the language model given has {tuple(ours[name].shape)}"
+            )
+    language_model.load_state_dict(weights, strict=False)
+    logger.info(f"{len(weights)} LLM tensors of the checkpoint replace the pretrained ones")
 
 
 __all__ = [
@@ -532,5 +724,7 @@ __all__ = [
     "convert_lavis_checkpoint",
     "convert_lavis_state_dict",
     "lavis_config_from_state_dict",
+    "load_lavis_checkpoint",
+    "split_language_model_weights",
     "load_lavis_state_dict",
 ]

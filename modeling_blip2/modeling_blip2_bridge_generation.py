@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Confi
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput
 
-from .builders import BERT_HYPERPARAMETERS
 from .configuration import Blip2BridgeConfig
 from .hub import IMAGE_TO_TEXT_PIPELINE
 from .modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .weight_mapping import BERT_HYPERPARAMETERS
 
 # transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
 # tower's `post_layernorm` is the original's `ln_vision`: ours is `vision_layernorm`, applied to hidden_states[-1].
@@ -126,6 +126,13 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
             (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
         return loaded
 
+    @classmethod
+    def from_stage1_pretrained(cls, stage1_model, language_model, tokenizer=None, **kwargs):
+        """A stage-2 model from a stage-1 model and a pretrained LLM; see `modeling_blip2.builders.build_stage2_model`."""
+        from .builders import build_stage2_model  # builders imports this module
+
+        return build_stage2_model(stage1_model, language_model, tokenizer=tokenizer, **kwargs)
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
@@ -215,6 +222,10 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
         """
         if input_ids is None:
             raise ValueError("input_ids is required: the prompt with its image placeholder tokens")
+        # PEFT's task wrappers (PeftModelForCausalLM, ...) pass these explicitly, as None.
+        if kwargs.pop("inputs_embeds", None) is not None:
+            raise ValueError("inputs_embeds are built here from input_ids and the image features; pass input_ids")
+        kwargs.pop("return_dict", None)  # always a ModelOutput
         image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
         inputs_embeds = self._embed_with_image_features(input_ids, image_features)
         if attention_mask is None:

@@ -7,6 +7,22 @@ cross-attention blocks (`crossattention`) and the queries' own feed-forward (`in
 from collections.abc import Iterable
 
 
+# BERT's hyper-parameters that the Q-Former takes over unchanged.
+BERT_HYPERPARAMETERS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+)
+
+
 def qformer_module_sources(
     num_hidden_layers: int, cross_attention_frequency: int, from_lavis_qformer: bool
 ) -> dict[str, str]:

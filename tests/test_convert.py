@@ -6,15 +6,16 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
-from modeling_blip2 import Blip2BridgeModel
+from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeModel
 from modeling_blip2.cli import main
 from modeling_blip2.convert_lavis import (
     convert_lavis_checkpoint,
     convert_lavis_state_dict,
     lavis_config_from_state_dict,
 )
+from tests.helpers import make_llm_tokenizer
 from tests.lavis_reference import LavisBlip2Qformer, lavis_state_dict_random
 from tests.lavis_vision_reference import (
     clip_vit_forward,
@@ -349,10 +350,12 @@ def test_unknown_and_missing_tensors_are_refused():
         convert_lavis_state_dict(state_dict, config)
 
 
-def test_stage2_checkpoint_is_refused_with_a_clear_message():
-    state_dict = {**lavis_checkpoint("eva"), "opt_proj.weight": torch.zeros(8, 32), "opt_proj.bias": torch.zeros(8)}
-    with pytest.raises(ValueError, match="stage-2"):
-        lavis_config_from_state_dict(state_dict)
+def test_stage2_checkpoint_without_its_language_model_asks_for_it(tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pth", lavis_stage2_checkpoint("opt"))
+    with pytest.raises(ValueError, match="blip2_opt \\(stage-2\\) checkpoint.*pass it as language_model"):
+        lavis_config_from_state_dict(lavis_stage2_checkpoint("opt"))
+    assert main(["convert", "--from", "lavis", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
+    assert "--language-model" in capsys.readouterr().err
 
 
 def test_vision_config_of_the_wrong_tower_is_refused():
@@ -468,3 +471,173 @@ def test_converted_model_draws_the_same_hard_negatives_as_the_original_under_one
         ours_grad, lavis_grad = ours.get_parameter(name).grad, lavis_parameters[name].grad
         relative_error = ((ours_grad - lavis_grad).norm() / lavis_grad.norm()).item()
         assert relative_error < 1e-3, f"{name}: relative gradient error {relative_error:.2e}"
+
+
+# ---- stage 2: blip2_opt and blip2_t5 -------------------------------------------------------------------------------
+
+# What LAVIS's Blip2OPT / Blip2T5 set to None, so that their checkpoints never hold it (stated independently of the
+# converter's own pattern).
+LAVIS_STAGE2_DROPS = re.compile(
+    r"Qformer\.cls\.|Qformer\.bert\.embeddings\.(word|position)_embeddings\."
+    r"|Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|vision_proj\.|text_proj\.|itm_head\.|temp$"
+)
+LAVIS_PROJECTIONS = {"opt": "opt_proj", "t5": "t5_proj"}
+
+
+def tiny_language_model_folder(tmp_path, name: str):
+    """A tiny pretrained LLM saved with its tokenizer, as a hub checkpoint is."""
+    from tests.test_stage2_builder import tiny_llm
+
+    folder = tmp_path / f"{name}-llm"
+    tiny_llm(name).save_pretrained(folder)
+    make_llm_tokenizer(name).save_pretrained(folder)
+    return folder
+
+
+def lavis_stage2_checkpoint(name: str, llm_width: int = 16) -> dict[str, torch.Tensor]:
+    """A LAVIS blip2_opt / blip2_t5 state dict: the stage-1 dict without what LAVIS drops, plus the projection."""
+    state_dict = {key: value for key, value in lavis_checkpoint("eva").items() if not LAVIS_STAGE2_DROPS.match(key)}
+    generator = torch.Generator().manual_seed(11)
+    projection = LAVIS_PROJECTIONS[name]
+    state_dict[f"{projection}.weight"] = 0.2 * torch.randn(llm_width, LAVIS_QFORMER["hidden_size"], generator=generator)
+    state_dict[f"{projection}.bias"] = 0.1 * torch.randn(llm_width, generator=generator)
+    return state_dict
+
+
+def lavis_stage2_forward(name, llm_folder, stage2_state_dict, pixel_values, prompt, target):
+    """LAVIS's Blip2OPT.forward / Blip2T5.forward on the checkpoint, re-stated: the query path through the stage-1
+    conversion (checked against LAVIS above), the projection, then the LLM fed [projected queries; text embeddings].
+    OPT reads `target` after the queries (no prompt); T5's encoder reads the queries and `prompt`, its decoder `target`.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    full = lavis_checkpoint("eva")
+    config = converted_config(full, "eva")
+    stage1 = Blip2BridgeModel(config)
+    stage1.load_state_dict(convert_lavis_state_dict(full, config))
+    llm_kwargs = {"dense_act_fn": "gelu"} if name == "t5" else {}  # Blip2T5: t5_config.dense_act_fn = "gelu"
+    model_class = AutoModelForSeq2SeqLM if name == "t5" else AutoModelForCausalLM
+    llm = model_class.from_pretrained(llm_folder, config=AutoConfig.from_pretrained(llm_folder, **llm_kwargs)).eval()
+    weight, bias = (stage2_state_dict[f"{LAVIS_PROJECTIONS[name]}.{part}"] for part in ("weight", "bias"))
+    with torch.no_grad():
+        query_output = stage1.eval().get_query_output(stage1.get_image_embeds(pixel_values)).last_hidden_state
+        inputs_llm = F.linear(query_output, weight, bias)
+        query_mask = torch.ones(inputs_llm.shape[:2], dtype=torch.long)
+        targets = target.input_ids.masked_fill(target.attention_mask == 0, -100)
+        text = prompt if name == "t5" else target
+        inputs_embeds = torch.cat([inputs_llm, llm.get_input_embeddings()(text.input_ids)], dim=1)
+        attention_mask = torch.cat([query_mask, text.attention_mask], dim=1)
+        if name == "t5":
+            return llm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_attention_mask=target.attention_mask,
+                labels=targets,
+            )
+        labels = torch.cat([torch.full_like(query_mask, -100), targets], dim=1)
+        return llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("name", ["opt", "t5"])
+def test_cli_converts_a_lavis_stage2_checkpoint_with_its_language_model_and_reproduces_the_original(
+    name, tmp_path, capsys
+):
+    llm_folder = tiny_language_model_folder(tmp_path, name)
+    state_dict = lavis_stage2_checkpoint(name)
+    checkpoint = save_checkpoint(tmp_path / f"blip2_{name}.pth", state_dict)
+    output = tmp_path / "converted"
+    argv = ["convert", "--from", "lavis", str(checkpoint), "--output", str(output), "--language-model", str(llm_folder)]
+    argv += ["--vision", write_json(tmp_path / "v.json", EVA_CONFIG)]
+    argv += ["--qformer-config", write_json(tmp_path / "q.json", QFORMER_CONFIG)]
+    assert main(argv) == 0
+    assert "LAVIS stage 2" in capsys.readouterr().out
+
+    model = AutoModelForImageTextToText.from_pretrained(output).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert isinstance(model, Blip2BridgeForConditionalGeneration)
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == len(make_llm_tokenizer(name))
+    assert model.config.text_config.model_type == name
+    if name == "t5":
+        assert model.config.text_config.dense_act_fn == "gelu"
+    torch.testing.assert_close(model.language_projection.weight, state_dict[f"{LAVIS_PROJECTIONS[name]}.weight"])
+    assert torch.equal(model.query_tokens, state_dict["query_tokens"])
+
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    prompt = tokenizer(["what is in the photo", "a"], padding=True, return_tensors="pt")
+    target = tokenizer(["a photo of a cat", "two dogs run"], padding=True, return_tensors="pt")
+    expected = lavis_stage2_forward(name, llm_folder, state_dict, pixel_values, prompt, target)
+
+    text = prompt if name == "t5" else target
+    placeholders = torch.full((2, LAVIS_QFORMER["num_query_tokens"]), model.config.image_token_id)
+    input_ids = torch.cat([placeholders, text.input_ids], dim=1)
+    attention_mask = torch.cat([torch.ones_like(placeholders), text.attention_mask], dim=1)
+    targets = target.input_ids.masked_fill(target.attention_mask == 0, -100)
+    if name == "t5":
+        kwargs = dict(labels=targets, decoder_attention_mask=target.attention_mask)
+    else:
+        kwargs = dict(labels=torch.cat([placeholders, targets], dim=1))  # image positions are never targets
+    with torch.no_grad():
+        actual = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    assert expected.logits.abs().max() > 0.1
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=0, atol=1e-6)
+
+
+def test_stage2_checkpoint_llm_tensors_replace_the_pretrained_ones_and_text_side_is_ignored(tmp_path):
+    from tests.test_stage2_builder import tiny_llm
+
+    state_dict = lavis_stage2_checkpoint("opt")
+    saved_norm = torch.full((16,), 3.0)
+    state_dict["opt_model.model.decoder.final_layer_norm.weight"] = saved_norm
+    # A checkpoint saved whole still holds the stage-1 text side; stage 2 ignores it.
+    state_dict["Qformer.cls.predictions.bias"] = torch.zeros(LAVIS_QFORMER["vocab_size"])
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pth", state_dict)
+    tower = dict(vision=EVA_CONFIG, qformer_config=QFORMER_CONFIG)
+    model = convert_lavis_checkpoint(checkpoint, tmp_path / "out", language_model=tiny_llm("opt", 99), **tower)
+    assert torch.equal(model.language_model.model.decoder.final_layer_norm.weight, saved_norm)
+    assert model.config.image_token_id == 99  # no tokenizer: a new LLM row
+    assert model.language_model.get_input_embeddings().weight.shape[0] == 100
+
+    state_dict["opt_model.model.decoder.no_such.weight"] = torch.zeros(3)
+    save_checkpoint(checkpoint, state_dict)
+    with pytest.raises(ValueError, match="do not fit the language model given, e.g. opt_model.model.decoder.no_such"):
+        convert_lavis_checkpoint(checkpoint, tmp_path / "out2", language_model=tiny_llm("opt", 99), **tower)
+
+
+def test_stage2_refusals_name_the_problem(tmp_path):
+    from tests.test_stage2 import TEXT_CONFIGS
+
+    wide_llm = AutoConfig.for_model(**dict(TEXT_CONFIGS["opt"], hidden_size=24, word_embed_proj_dim=24))
+    with pytest.raises(ValueError, match=r"opt_proj.weight has shape \(16, 32\).*hidden_size 24"):
+        lavis_config_from_state_dict(lavis_stage2_checkpoint("opt"), vision=EVA_CONFIG, text_config=wide_llm)
+    instruct = {**lavis_stage2_checkpoint("opt"), "llm_proj.weight": torch.zeros(16, 32)}
+    with pytest.raises(ValueError, match="'llm_proj.weight': an InstructBLIP checkpoint"):
+        lavis_config_from_state_dict(instruct, text_config=wide_llm)
+    with pytest.raises(ValueError, match="stage-1 checkpoint .* which has none"):
+        lavis_config_from_state_dict(lavis_checkpoint("eva"), vision=EVA_CONFIG, text_config=wide_llm)
+
+
+def test_cli_converts_a_lavis_stage2_checkpoint_straight_to_transformers_blip2(tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    llm_folder = tiny_language_model_folder(tmp_path, "opt")
+    checkpoint = save_checkpoint(tmp_path / "blip2_opt.pth", lavis_stage2_checkpoint("opt"))
+    tower = ["--vision", write_json(tmp_path / "v.json", EVA_CONFIG)]
+    tower += ["--qformer-config", write_json(tmp_path / "q.json", QFORMER_CONFIG)]
+    common = ["convert", "--from", "lavis", str(checkpoint), "--language-model", str(llm_folder), *tower]
+    assert main([*common, "--output", str(tmp_path / "ours")]) == 0
+    assert main([*common, "--to", "transformers", "--output", str(tmp_path / "hf")]) == 0
+
+    ours = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").eval()
+    theirs = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image_token_id = AutoTokenizer.from_pretrained(tmp_path / "hf").convert_tokens_to_ids("<image>")
+    assert image_token_id == theirs.config.image_token_index == ours.config.image_token_id
+    placeholders = torch.full((2, LAVIS_QFORMER["num_query_tokens"]), image_token_id)
+    input_ids = torch.cat([placeholders, torch.tensor([[2, 40, 32]] * 2)], 1)
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ours(pixel_values=pixel_values, input_ids=input_ids).logits
+        actual = theirs(pixel_values=pixel_values, input_ids=input_ids).logits
+    # transformers' post_layernorm takes the EVA blocks' eps 1e-6 where LAVIS's ln_vision has 1e-5: close, not equal.
+    assert theirs.vision_model.post_layernorm.eps == 1e-6
+    assert (actual - expected).abs().max() <= 1e-4
