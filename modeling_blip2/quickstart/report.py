@@ -101,8 +101,10 @@ def format_results_table(results) -> str:
     lines = ["", f"{'held-out metric':<{name_width}}{'untrained':>10}{'trained':>10}"]
     for name, values in results.metrics.items():
         lines.append(f"{name:<{name_width}}{values['untrained']:>10.1f}{values['trained']:>10.1f}")
-    lines += ["", "time per phase:"]
-    lines += [f"  {phase:<36}{seconds:>7.1f} s" for phase, seconds in results.timings.items()]
-    lines.append(f"  {'total':<36}{sum(results.timings.values()):>7.1f} s")
+    lines += ["", f"{'time per phase':<38}{'wall s':>8}{'CPU s':>8}"]
+    for phase, seconds in results.timings.items():
+        lines.append(f"  {phase:<36}{seconds['wall']:>8.1f}{seconds['cpu']:>8.1f}")
+    total = {kind: sum(seconds[kind] for seconds in results.timings.values()) for kind in ("wall", "cpu")}
+    lines.append(f"  {'total':<36}{total['wall']:>8.1f}{total['cpu']:>8.1f}")
     lines += ["", "written:"] + [f"  {name:<12} {path}" for name, path in results.files.items()]
     return "\n".join(lines)
