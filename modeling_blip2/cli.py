@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 from .convert_lavis import VISION_PRESETS, convert_lavis_checkpoint
-from .quickstart.command import add_quickstart_arguments, run_quickstart_command
+from .quickstart.command import add_quickstart_command
+from .training.cli_train import add_train_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,22 +89,7 @@ def count(number: int) -> str:
     return str(number)
 
 
-# ---- quickstart -------------------------------------------------------------------------------------------------
-
-
-def add_quickstart_command(subcommands) -> None:
-    parser = subcommands.add_parser(
-        "quickstart",
-        help="train and evaluate a small BLIP-2 end to end on generated scenes (CPU, minutes, no download)",
-        description="Generates a corpus of drawn scenes with captions and questions, pre-trains a small image encoder "
-        "and LLM on it, runs stage 1 and stage 2, and evaluates retrieval, captioning and VQA on held-out scenes "
-        "next to the untrained model. Writes the model, results.json, loss_curves.png and samples.png.",
-    )
-    add_quickstart_arguments(parser)
-    parser.set_defaults(run=run_quickstart_command)
-
-
-SUBCOMMANDS = (add_convert_command, add_quickstart_command)
+SUBCOMMANDS = (add_convert_command, add_train_command, add_quickstart_command)
 
 
 if __name__ == "__main__":

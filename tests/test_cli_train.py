@@ -1,0 +1,209 @@
+"""`blip2-bridge train`: a tiny stage-1 run from a generated COCO-style folder and a config file, end to end."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from transformers import AutoModel
+
+from modeling_blip2 import Blip2BridgeImageProcessor, Blip2BridgeModel
+from modeling_blip2.cli import main
+from modeling_blip2.training.cli_train import parse_arguments
+from tests.helpers import CAPTIONS, make_bert_tokenizer
+from tests.tiny_models import tiny_config
+
+
+def write_tiny_model(folder) -> Blip2BridgeModel:
+    """A tiny random stage-1 model saved with its Q-Former tokenizer and image processor, as a user's checkpoint."""
+    tokenizer = make_bert_tokenizer()
+    config = tiny_config()
+    config.qformer_config.vocab_size = len(tokenizer)
+    config.qformer_config.bos_token_id = tokenizer.bos_token_id
+    config.qformer_config.sep_token_id = tokenizer.sep_token_id
+    config.qformer_config.pad_token_id = tokenizer.pad_token_id
+    config.qformer_config.max_position_embeddings = 32
+    torch.manual_seed(0)
+    model = Blip2BridgeModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Blip2BridgeImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
+    return model
+
+
+def write_coco_folder(root):
+    """Five images, eight captions; the last image is a truncated JPEG (one caption)."""
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(5):
+        pixels = np.random.default_rng(index).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        path = root / "images" / f"{index}.jpg"
+        PIL.Image.fromarray(pixels).save(path)
+        images.append({"id": 100 + index, "file_name": path.name})
+    path.write_bytes(path.read_bytes()[:300])
+    for index, caption in enumerate(CAPTIONS):
+        annotations.append({"id": index, "image_id": 100 + index % 4 if index < 7 else 104, "caption": caption})
+    annotation_file = root / "captions.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return annotation_file
+
+
+@pytest.mark.slow
+def test_stage1_training_from_a_config_file_writes_a_loadable_model_and_its_summary(tmp_path, capsys):
+    model_dir, output_dir = tmp_path / "tiny-model", tmp_path / "trained"
+    initial = write_tiny_model(model_dir)
+    annotation_file = write_coco_folder(tmp_path / "coco")
+    config_file = tmp_path / "stage1.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "stage": 1,
+                "model_name_or_path": str(model_dir),
+                "annotation_files": [str(annotation_file)],
+                "image_root": str(tmp_path / "coco" / "images"),
+                "use_image_ids": True,
+                "output_dir": str(output_dir),
+                "per_device_train_batch_size": 4,
+                "max_steps": 100,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "use_cpu": True,
+                "report_to": "none",
+            }
+        )
+    )
+
+    # the flag after the file overrides its max_steps
+    assert main(["train", str(config_file), "--max_steps", "2"]) == 0
+
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    # 2 steps of 4 = one epoch of the 8 captions, one of which has the truncated image
+    assert (summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 7, 1)
+    assert summary["skipped_by_reason"]["corrupt image"] == 1
+    log_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert summary["final_losses"]["loss"] == [entry for entry in log_history if "loss" in entry][-1]["loss"]
+    assert np.isfinite(summary["final_losses"]["loss"]) and summary["final_losses"]["loss"] > 0
+
+    printed = capsys.readouterr().out
+    assert "Stage-1 training done: 2 steps, 7 samples" in printed
+    assert "skipped samples: 1 (1 corrupt image)" in printed
+    assert f"final losses: loss {summary['final_losses']['loss']:.4f}" in printed
+    assert str(output_dir.resolve()) in printed
+
+    trained = AutoModel.from_pretrained(output_dir)
+    assert isinstance(trained, Blip2BridgeModel)
+    trained_weights, initial_weights = trained.state_dict(), initial.state_dict()
+    # the frozen vision encoder is bit-identical; the Q-Former moved
+    assert all(
+        torch.equal(trained_weights[name], initial_weights[name])
+        for name in initial_weights
+        if name.startswith("vision_model.")
+    )
+    assert not torch.equal(trained_weights["query_tokens"], initial_weights["query_tokens"])
+    assert Blip2BridgeImageProcessor.from_pretrained(output_dir).size == {"height": 28, "width": 28}
+
+
+def test_config_file_values_are_defaults_that_flags_override(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"stage": 2, "prompt": "a photo of", "output_dir": "out", "learning_rate": 5e-5}))
+    model_args, data_args, training_args = parse_arguments([str(config_file), "--learning_rate", "1e-4"])
+    assert model_args.stage == 2
+    assert data_args.prompt == "a photo of"
+    assert training_args.learning_rate == 1e-4 and training_args.output_dir == "out"
+
+    config_file.write_text(json.dumps({"stage": 1, "batch_size_typo": 3}))
+    with pytest.raises(ValueError, match=r"unknown keys \['batch_size_typo'\]"):
+        parse_arguments([str(config_file)])
+
+
+def test_missing_data_source_is_a_one_line_error(tmp_path, capsys):
+    model_dir = tmp_path / "tiny-model"
+    write_tiny_model(model_dir)
+    code = main(["train", "--stage", "1", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o")])
+    assert code == 1
+    assert "give exactly one data source" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsys):
+    from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration
+    from modeling_blip2.training.collators import image_token_id
+    from tests.test_data_collators import make_llm_tokenizer
+    from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
+
+    model_dir, output_dir = tmp_path / "tiny-stage2", tmp_path / "trained"
+    tokenizer = make_llm_tokenizer()
+    config = Blip2BridgeConfig(
+        vision_config=VISION_CONFIG,
+        qformer_config=QFORMER_CONFIG,
+        text_config=TEXT_CONFIGS["opt"],
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_id=image_token_id(tokenizer),
+    )
+    torch.manual_seed(0)
+    initial = Blip2BridgeForConditionalGeneration(config)
+    initial.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    Blip2BridgeImageProcessor(size={"height": 28, "width": 28}).save_pretrained(model_dir)
+    annotation_file = write_coco_folder(tmp_path / "coco")
+
+    arguments = [
+        "train",
+        "--stage",
+        "2",
+        "--model_name_or_path",
+        str(model_dir),
+        "--annotation_files",
+        str(annotation_file),
+        "--image_root",
+        str(tmp_path / "coco" / "images"),
+        "--prompt",
+        "a photo of",
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--report_to",
+        "none",
+    ]
+    assert main(arguments) == 0
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert (summary["stage"], summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 2, 7, 1)
+    assert "Stage-2 training done: 2 steps, 7 samples" in capsys.readouterr().out
+
+    trained = Blip2BridgeForConditionalGeneration.from_pretrained(output_dir).state_dict()
+    frozen = [name for name in trained if name.startswith(("language_model.", "vision_model."))]
+    assert frozen and all(torch.equal(trained[name], initial.state_dict()[name]) for name in frozen)
+    assert not torch.equal(trained["language_projection.weight"], initial.state_dict()["language_projection.weight"])
+
+
+@pytest.mark.slow
+def test_stage1_training_streams_webdataset_shards(tmp_path, capsys):
+    from tests.test_data_datasets import write_shards
+
+    model_dir, output_dir = tmp_path / "tiny-model", tmp_path / "trained"
+    write_tiny_model(model_dir)
+    shards = write_shards(tmp_path)
+    arguments = [
+        "train", "--stage", "1", "--model_name_or_path", str(model_dir), "--shards", *shards,
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    # the eight samples in order, four per batch: (2 readable, 2 not), (3 readable, 1 not)
+    assert (summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 5, 3)
+    assert summary["skipped_by_reason"] == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad text": 0}
+    assert isinstance(AutoModel.from_pretrained(output_dir), Blip2BridgeModel)

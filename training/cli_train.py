@@ -1,0 +1,373 @@
+"""`blip2-bridge train`: stage-1 or stage-2 training from the command line or a YAML/JSON config file.
+
+    blip2-bridge train --stage 1 --vision_model_name_or_path openai/clip-vit-large-patch14 \
+        --qformer_name_or_path bert-base-uncased --annotation_files coco/captions_train2017.json \
+        --image_root coco/train2017 --output_dir blip2-stage1 --per_device_train_batch_size 64
+    blip2-bridge train config.yaml --max_steps 100     # flags given after the file override its values
+
+The arguments are three dataclasses read by transformers' `HfArgumentParser`: `ModelArguments`, `DataArguments` and
+`TrainingArguments` (every Trainer option: batch size, learning rate, bf16, logging, checkpoints, ...).
+"""
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import yaml
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .. import builders
+from ..modeling_blip2_bridge import Blip2BridgeModel
+from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from .augmentation import RandomResizedCropAndFlip
+from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
+from .data import DEFAULT_MAX_WORDS, SkippedSamples
+from .datasets import load_coco_captions, load_image_folder, load_lavis_annotations, load_webdataset
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+SUMMARY_FILE = "train_summary.json"
+
+
+@dataclass
+class ModelArguments:
+    stage: int = field(
+        default=1,
+        metadata={
+            "help": "1: Q-Former representation learning (ITC + ITM + ITG); "
+            "2: generative learning through a frozen LLM",
+            "choices": [1, 2],
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a blip2-bridge model to continue from: a stage-1 model for --stage 1, a stage-2 model for "
+            "--stage 2 (a folder or hub id)"
+        },
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "stage 1 from scratch: the frozen vision encoder (e.g. a CLIP model)"}
+    )
+    qformer_name_or_path: str | None = field(
+        default=None, metadata={"help": "stage 1 from scratch: the BERT the Q-Former starts from (bert-base-uncased)"}
+    )
+    language_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "stage 2 from a stage-1 --model_name_or_path: the frozen LLM (needs the stage-2 builder)"},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "stage 1: the Q-Former's tokenizer; stage 2: the LLM's. Default: the model's folder, else "
+            "the BERT (stage 1) or LLM (stage 2) path"
+        },
+    )
+    num_query_tokens: int = field(default=32, metadata={"help": "queries of a Q-Former built from scratch"})
+    vision_feature_layer: int = field(
+        default=-1, metadata={"help": "the vision encoder's hidden layer the Q-Former reads (-2: penultimate)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    annotation_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "COCO-style ({'images', 'annotations'}) or LAVIS-style (list of {'image', 'caption'}) "
+            "JSON files; the kind is read from each file",
+            "nargs": "+",
+        },
+    )
+    image_root: str | None = field(default=None, metadata={"help": "the folder the annotation files' paths start in"})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "a folder of images with same-name .txt captions or a metadata.jsonl"}
+    )
+    shards: list[str] = field(
+        default_factory=list, metadata={"help": "webdataset tar shards (paths or globs), always streamed", "nargs": "+"}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "stream the annotation files' rows too (needs --max_steps)"}
+    )
+    max_words: int = field(default=DEFAULT_MAX_WORDS, metadata={"help": "captions are cut to this many words"})
+    max_text_length: int = field(default=32, metadata={"help": "stage 2: text tokens per sample (LAVIS max_txt_len)"})
+    prompt: str = field(default="", metadata={"help": "stage 2: text before every caption (e.g. 'a photo of')"})
+    end_of_text: str | None = field(
+        default=None, metadata={"help": "stage 2: text that ends every caption (default the LLM's EOS; OPT: '\\n')"}
+    )
+    split_captions: bool = field(
+        default=False, metadata={"help": "stage 2, encoder-decoder LLM: prefix LM on captions split at a random word"}
+    )
+    use_image_ids: bool = field(
+        default=False, metadata={"help": "stage 1: captions of the same image are all ITC positives (fine-tuning)"}
+    )
+    augment: bool = field(default=True, metadata={"help": "random resized crop + horizontal flip"})
+    min_crop_scale: float = field(default=0.5, metadata={"help": "smallest crop area, as a fraction of the image"})
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Reads an optional config file (the first argument, .yaml/.yml/.json) whose values the flags after it override."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="blip2-bridge train")
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
+        config = read_config_file(argv[0])
+        known = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ValueError(f"config file {argv[0]} has unknown keys {unknown}; see blip2-bridge train --help")
+        for name, value in config.items():
+            known[name].default = value
+            known[name].required = False
+        argv = argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    except FileNotFoundError as error:
+        raise ValueError(f"config file {path} does not exist") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path} holds a {type(config).__name__}; expected a mapping of argument names")
+    return config
+
+
+# ---- model, data, trainer ---------------------------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(model_args: ModelArguments):
+    """The model to train and its text tokenizer (the Q-Former's in stage 1, the LLM's in stage 2)."""
+    tokenizer_path = model_args.tokenizer_name_or_path
+    if model_args.stage == 1:
+        if model_args.model_name_or_path is not None:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
+            return Blip2BridgeModel.from_pretrained(model_args.model_name_or_path), tokenizer
+        if model_args.vision_model_name_or_path is None or model_args.qformer_name_or_path is None:
+            raise ValueError(
+                "stage 1 needs --model_name_or_path, or --vision_model_name_or_path and --qformer_name_or_path to "
+                "build a Q-Former from a vision model and BERT"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.qformer_name_or_path)
+        model = builders.build_stage1_model(
+            model_args.vision_model_name_or_path,
+            model_args.qformer_name_or_path,
+            tokenizer=tokenizer,
+            num_query_tokens=model_args.num_query_tokens,
+            vision_feature_layer=model_args.vision_feature_layer,
+        )
+        return model, tokenizer
+
+    if model_args.model_name_or_path is None:
+        raise ValueError(
+            "stage 2 needs --model_name_or_path: a stage-2 model, or a stage-1 model with --language_model_name_or_path"
+        )
+    if model_args.language_model_name_or_path is None:
+        model = Blip2BridgeForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
+    else:
+        build_stage2_model = getattr(builders, "build_stage2_model", None)
+        if build_stage2_model is None:
+            raise ValueError(
+                "building a stage-2 model from a stage-1 model and an LLM needs modeling_blip2.builders."
+                "build_stage2_model, which this version does not have; pass a stage-2 model as --model_name_or_path"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.language_model_name_or_path)
+        model = build_stage2_model(
+            model_args.model_name_or_path, model_args.language_model_name_or_path, tokenizer=tokenizer
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.image_token_id != image_token_id(tokenizer):
+        raise ValueError(
+            f"the tokenizer's image token has id {image_token_id(tokenizer)} but the model's config.image_token_id is "
+            f"{model.config.image_token_id}; expected the tokenizer saved with the stage-2 model"
+        )
+    return model, tokenizer
+
+
+def load_image_processor(model_args: ModelArguments, model) -> Blip2BridgeImageProcessor:
+    """The model folder's image processor, else the default one at the vision encoder's image size."""
+    if model_args.model_name_or_path is not None:
+        try:
+            return Blip2BridgeImageProcessor.from_pretrained(model_args.model_name_or_path)
+        except OSError:
+            pass
+    image_size = model.config.vision_config.image_size
+    return Blip2BridgeImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def load_train_dataset(data_args: DataArguments):
+    """One dataset from the annotation files, the image folder or the shards (exactly one of them)."""
+    sources = [bool(data_args.annotation_files), data_args.image_folder is not None, bool(data_args.shards)]
+    if sum(sources) != 1:
+        raise ValueError(
+            "give exactly one data source: --annotation_files (with --image_root), --image_folder or --shards"
+        )
+    if data_args.shards:
+        return load_webdataset(data_args.shards)
+    if data_args.image_folder is not None:
+        dataset = load_image_folder(data_args.image_folder)
+    else:
+        if data_args.image_root is None:
+            raise ValueError("--annotation_files needs --image_root, the folder their image paths start in")
+        parts = [load_annotation_file(path, data_args.image_root) for path in data_args.annotation_files]
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return dataset.to_iterable_dataset() if data_args.streaming else dataset
+
+
+def load_annotation_file(path: str, image_root: str):
+    with open(path, encoding="utf-8") as file:
+        is_coco_style = file.read(1) == "{"  # LAVIS files are JSON lists
+    return load_coco_captions(path, image_root) if is_coco_style else load_lavis_annotations(path, image_root)
+
+
+def make_collator(model_args, data_args, model, tokenizer, image_processor, skipped):
+    augmentation = None
+    if data_args.augment:
+        augmentation = RandomResizedCropAndFlip(image_processor, scale=(data_args.min_crop_scale, 1.0))
+    if model_args.stage == 1:
+        processor = Blip2BridgeProcessor(image_processor, tokenizer)
+        collator = ImageCaptionCollator(
+            processor,
+            image_transform=augmentation,
+            max_words=data_args.max_words,
+            image_id_column="image_id" if data_args.use_image_ids else None,
+            skipped=skipped,
+        )
+        return collator, processor
+    text_config = model.config.text_config
+    collator = CaptionLMCollator(
+        image_processor,
+        tokenizer,
+        model.config.num_query_tokens,
+        is_encoder_decoder=text_config.is_encoder_decoder,
+        prompt=data_args.prompt,
+        # The cuts draw from torch's global generator, which the run's seed (and DataLoader, per worker) sets.
+        split_captions=data_args.split_captions,
+        max_words=data_args.max_words,
+        max_length=data_args.max_text_length,
+        end_of_text=data_args.end_of_text,
+        image_transform=augmentation,
+        skipped=skipped,
+    )
+    return collator, tokenizer
+
+
+def make_trainer(model, training_args, train_dataset, data_collator, processing_class) -> Trainer:
+    """The one place the trainer class is chosen."""
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        processing_class=processing_class,
+    )
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Trains, saves the model (and its processor) to `output_dir`, and returns the summary it also writes there."""
+    if training_args.output_dir is None:
+        raise ValueError("--output_dir is required: the folder the trained model is written to")
+    # The collators read the raw columns (image, caption, ...), which the Trainer would otherwise drop.
+    training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    image_processor = load_image_processor(model_args, model)
+    train_dataset = load_train_dataset(data_args)
+    is_streaming = not hasattr(train_dataset, "__len__")
+    if is_streaming and training_args.max_steps <= 0:
+        raise ValueError("streamed data has no length: give --max_steps, the number of optimiser steps to train")
+    skipped = SkippedSamples()
+    collator, processing_class = make_collator(model_args, data_args, model, tokenizer, image_processor, skipped)
+
+    trainer = make_trainer(model, training_args, train_dataset, collator, processing_class)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(training_args.output_dir)
+
+    # Each process counts the samples it collated; the summary adds up all processes.
+    counts = torch.tensor([skipped.used, *skipped.counts.values()], device=trainer.accelerator.device)
+    counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+    summary = {
+        "stage": model_args.stage,
+        "steps": trainer.state.global_step,
+        "samples": counts[0],
+        "skipped_samples": sum(counts[1:]),
+        "skipped_by_reason": dict(zip(skipped.counts, counts[1:])),
+        "final_losses": final_losses(trainer.state.log_history),
+        "mean_train_loss": result.training_loss,
+        "output_dir": str(Path(training_args.output_dir).resolve()),
+    }
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def final_losses(log_history: list[dict]) -> dict[str, float]:
+    """The losses of the last logging step (`loss`, and `loss_itc`, `loss_itm`, ... where the trainer logs them)."""
+    for entry in reversed(log_history):
+        losses = {name: value for name, value in entry.items() if name.startswith("loss")}
+        if losses:
+            return losses
+    return {}
+
+
+def format_summary(summary: dict) -> str:
+    skipped = summary["skipped_samples"]
+    reasons = ", ".join(f"{count} {reason}" for reason, count in summary["skipped_by_reason"].items() if count)
+    losses = ", ".join(f"{name} {value:.4f}" for name, value in summary["final_losses"].items())
+    lines = [
+        f"Stage-{summary['stage']} training done: {summary['steps']} steps, {summary['samples']} samples",
+        f"  skipped samples: {skipped}" + (f" ({reasons})" if reasons else ""),
+        f"  final losses: {losses or 'none logged'}; mean training loss {summary['mean_train_loss']:.4f}",
+        f"  model written to {summary['output_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def add_train_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "train",
+        help="train a Q-Former (stage 1) or bridge it to an LLM (stage 2)",
+        description="Train BLIP-2 stage 1 or 2. Arguments: [CONFIG.yaml|CONFIG.json] [--flags]; the flags are "
+        "ModelArguments, DataArguments and transformers' TrainingArguments (see `blip2-bridge train --help`).",
+        add_help=False,  # --help goes to HfArgumentParser, which knows every flag
+    )
+
+    # Every argument after "train" is HfArgumentParser's to read, options included (argparse's REMAINDER would stop
+    # at the first option), so the subcommand's parser hands them over unparsed.
+    def pass_arguments_through(arg_strings=None, namespace=None):
+        return argparse.Namespace(arguments=list(arg_strings or []), run=run_train), []
+
+    parser.parse_known_args = pass_arguments_through
+
+
+def run_train(args: argparse.Namespace) -> int:
+    model_args, data_args, training_args = parse_arguments(args.arguments)
+    summary = train(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print(format_summary(summary))
+    return 0
+
+
+__all__ = ["DataArguments", "ModelArguments", "add_train_command", "parse_arguments", "train"]

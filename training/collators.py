@@ -1,0 +1,444 @@
+"""Collators: lists of samples (dicts) in, model inputs out, for `Trainer(data_collator=...)`.
+
+A sample holds an image (a path, bytes, a `datasets` Image value, a PIL image or an array) and its text. Images are
+opened and decoded here, one sample at a time, so that an unreadable sample (missing file, truncated or corrupt data,
+zero size) is dropped from its batch, counted in a `SkippedSamples` and named in a warning, while the rest of the
+batch trains. Grayscale, transparent, CMYK and 16-bit images are not errors: the image processor converts them.
+
+Stage 1 (`ImageCaptionCollator`) returns the Q-Former's inputs from the stage-1 processor. Stage 2 returns the LLM's
+inputs with `num_query_tokens` image placeholders first, as transformers' `Blip2Processor` lays them out, and `labels`
+that are -100 everywhere but on the target text (caption, answer or response) and the end-of-text token:
+
+- decoder-only LLMs (`CaptionLMCollator`, `VQACollator`, `InstructionCollator` with `is_encoder_decoder=False`):
+  `[image placeholders] [BOS] prompt target [EOS] [padding]`, labels on `target [EOS]` only;
+- encoder-decoder LLMs (`is_encoder_decoder=True`), as LAVIS's `Blip2T5.forward`: the placeholders and the prompt go to
+  the encoder (`input_ids`), the target to the decoder (`labels`, padding -100, with `decoder_attention_mask`). For
+  caption pre-training `CaptionLMCollator(split_captions=True)` cuts each caption at a random word, prefix to the
+  encoder and suffix to the decoder, as the paper's prefix language modelling.
+"""
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import AddedToken, PreTrainedTokenizerBase
+
+from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from .data import (
+    DEFAULT_MAX_WORDS,
+    SkippedSamples,
+    UnreadableSampleError,
+    open_sample_image,
+    pre_caption,
+    pre_question,
+    sample_name,
+)
+
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+# LAVIS's `max_txt_len` for stage 2: text tokens (placeholders excluded) per sample.
+DEFAULT_MAX_TEXT_TOKENS = 32
+VQA_PROMPT = "Question: {} Answer:"  # OPT; BLIP-2's FlanT5 models use "Question: {} Short answer:"
+
+
+class ImageCollator:
+    """
+    Opens and processes the image of every sample, dropping and counting the unreadable ones; the subclasses add the
+    text. `image_transform` (e.g. `RandomResizedCropAndFlip`) replaces the image processor's plain resize for training.
+    """
+
+    def __init__(
+        self,
+        image_processor: Blip2BridgeImageProcessor,
+        image_transform=None,
+        image_column: str = "image",
+        skipped: SkippedSamples | None = None,
+    ):
+        self.image_processor = image_processor
+        self.image_transform = image_transform
+        self.image_column = image_column
+        # Created here, before any DataLoader worker starts, so that the workers' skips reach this process.
+        self.skipped = skipped if skipped is not None else SkippedSamples()
+        self._last_good_sample = None
+
+    def prepare_text(self, sample: Mapping):
+        """The sample's text in the form `encode` takes; raises `UnreadableSampleError` if it has none."""
+        raise NotImplementedError
+
+    def encode(self, texts: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        kept_samples, texts, pixel_values = [], [], []
+        for index, sample in enumerate(samples):
+            name = sample_name(sample, index, self.image_column)
+            try:
+                text = self.prepare_text(sample)
+                pixel_values.append(self.process_image(sample.get(self.image_column), name))
+            except UnreadableSampleError as error:
+                self.skipped.skip(name, error)
+                continue
+            kept_samples.append(sample)
+            texts.append(text)
+
+        if not kept_samples:
+            # A batch cannot be empty; the step trains on the last readable sample instead of ending the run.
+            if self._last_good_sample is None:
+                raise ValueError(
+                    f"every sample of the first batch ({len(samples)}) was unreadable: {self.skipped.summary()}"
+                )
+            logger.warning(
+                "every sample of a batch of %d was unreadable; repeating the last readable one", len(samples)
+            )
+            kept_samples, texts, pixel_values = self._last_good_sample
+        self._last_good_sample = (kept_samples[-1:], texts[-1:], pixel_values[-1:])
+        self.skipped.add_used(len(kept_samples))
+
+        batch = {"pixel_values": torch.cat(pixel_values)}
+        batch.update(self.encode(texts))
+        batch.update(self.extra_columns(kept_samples))
+        return batch
+
+    def process_image(self, image, name: str) -> torch.Tensor:
+        image = open_sample_image(image, name)
+        try:
+            if self.image_transform is not None:
+                return self.image_transform([image])
+            return self.image_processor(image, return_tensors="pt")["pixel_values"]
+        except (ValueError, TypeError, OSError) as error:  # e.g. an array of NaNs, a PIL mode with no RGB conversion
+            raise UnreadableSampleError(f"{name} could not be processed: {error}", "corrupt image") from error
+
+    def extra_columns(self, samples: list[Mapping]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def sample_text(sample: Mapping, column: str, name: str = "text") -> str:
+    text = sample.get(column)
+    if not isinstance(text, str) or not text.strip():
+        raise UnreadableSampleError(
+            f"{name} column {column!r} holds {text!r}; expected a non-empty string", "bad text"
+        )
+    return text
+
+
+def clean_caption(sample: Mapping, column: str, max_words: int) -> str:
+    caption = pre_caption(sample_text(sample, column, "caption"), max_words)
+    if not caption:
+        raise UnreadableSampleError(f"caption {sample[column]!r} is empty after cleaning", "bad text")
+    return caption
+
+
+# ---- stage 1 ----------------------------------------------------------------------------------------------------
+
+
+class ImageCaptionCollator(ImageCollator):
+    """
+    Stage 1: `pixel_values`, the Q-Former's `input_ids` and `attention_mask` from a `Blip2BridgeProcessor`, captions
+    cleaned by `pre_caption`. With `image_id_column` (COCO retrieval fine-tuning), also `image_ids`, so that ITC counts
+    every caption of the same image as a positive.
+    """
+
+    def __init__(
+        self,
+        processor: Blip2BridgeProcessor,
+        image_transform=None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str | None = None,
+        skipped: SkippedSamples | None = None,
+    ):
+        super().__init__(processor.image_processor, image_transform, image_column, skipped)
+        self.processor = processor
+        self.max_words = max_words
+        self.caption_column = caption_column
+        self.image_id_column = image_id_column
+
+    def prepare_text(self, sample):
+        if self.image_id_column is not None and not isinstance(sample.get(self.image_id_column), int):
+            raise ValueError(
+                f"sample column {self.image_id_column!r} holds {sample.get(self.image_id_column)!r}; expected an "
+                "integer image id"
+            )
+        return clean_caption(sample, self.caption_column, self.max_words)
+
+    def encode(self, texts):
+        return dict(self.processor(text=texts, return_tensors="pt"))
+
+    def extra_columns(self, samples):
+        if self.image_id_column is None:
+            return {}
+        return {"image_ids": torch.tensor([sample[self.image_id_column] for sample in samples])}
+
+
+# ---- stage 2 ----------------------------------------------------------------------------------------------------
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """
+    The id of the image placeholder token, added to the tokenizer as "<image>" when it has none, as transformers'
+    `Blip2Processor` does. It must equal the model's `config.image_token_id` (grow the LLM's embeddings if it is new).
+    """
+    token = getattr(tokenizer, "image_token", None)
+    if token is None:
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+        token = IMAGE_TOKEN
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def image_text_ids(tokenizer: PreTrainedTokenizerBase, num_query_tokens: int, texts: list[str]) -> list[list[int]]:
+    """
+    The LLM's token ids of `texts` laid out as transformers' `Blip2Processor(images=..., text=texts)` lays them out:
+    `num_query_tokens` image placeholders, then the tokenizer's own encoding of the text with its special tokens (BOS
+    for OPT or LLaMA, a final EOS for T5). Every stage-2 collator builds its inputs through this one function.
+    """
+    placeholders = [image_token_id(tokenizer)] * num_query_tokens
+    return [placeholders + ids for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def join_prompt(prompt: str, target: str) -> str:
+    """`prompt` and `target` as one text: a space between them unless the prompt is empty or ends with one."""
+    if not prompt or prompt[-1].isspace():
+        return prompt + target
+    return f"{prompt} {target}"
+
+
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+class LanguageModelingCollator(ImageCollator):
+    r"""
+    Stage 2: images with a prompt and a target text for the LLM. `prepare_text` of a subclass returns
+    `(prompt, target)`; the labels cover the target and the end of the text only.
+
+    Args:
+        image_processor: a [`Blip2BridgeImageProcessor`].
+        tokenizer: the LLM's tokenizer; gets "<image>" added when it has no image token.
+        num_query_tokens: the model's `config.num_query_tokens`.
+        is_encoder_decoder: the LLM's `config.is_encoder_decoder` (T5: True, OPT/LLaMA: False).
+        max_length: the most text tokens per sample, placeholders not counted (LAVIS's `max_txt_len`, 32). A longer
+            text loses tokens at its end but keeps its end-of-text token, so that the LLM still learns to stop.
+        end_of_text: the text that ends a target; default the tokenizer's EOS token. LAVIS's OPT models end captions
+            with "\n" (and generate until "\n").
+        image_transform, image_column, skipped: as [`ImageCollator`].
+    """
+
+    def __init__(
+        self,
+        image_processor: Blip2BridgeImageProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+        num_query_tokens: int,
+        is_encoder_decoder: bool = False,
+        max_length: int = DEFAULT_MAX_TEXT_TOKENS,
+        end_of_text: str | None = None,
+        image_transform=None,
+        image_column: str = "image",
+        skipped: SkippedSamples | None = None,
+    ):
+        super().__init__(image_processor, image_transform, image_column, skipped)
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has no pad token; set one (e.g. tokenizer.pad_token = "
+                "tokenizer.eos_token) so that batches can be padded"
+            )
+        if end_of_text is None and tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; pass end_of_text")
+        if max_length < 2:
+            raise ValueError(f"max_length is {max_length}; expected at least 2 text tokens")
+        self.tokenizer = tokenizer
+        self.num_query_tokens = num_query_tokens
+        self.is_encoder_decoder = is_encoder_decoder
+        self.max_length = max_length
+        self.end_of_text_ids = (
+            [tokenizer.eos_token_id]
+            if end_of_text is None
+            else tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
+        )
+        image_token_id(tokenizer)  # adds "<image>" now, not in a DataLoader worker
+
+    def encode(self, texts: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        prompts = [prompt for prompt, _ in texts]
+        if self.is_encoder_decoder:
+            return self.encode_encoder_decoder(prompts, [target for _, target in texts])
+        full_texts = [join_prompt(prompt, target) for prompt, target in texts]
+        return self.encode_decoder_only(prompts, full_texts)
+
+    def encode_decoder_only(self, prompts, full_texts):
+        input_ids, labels = [], []
+        prompt_ids = image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
+        for prompt, ids in zip(prompt_ids, image_text_ids(self.tokenizer, self.num_query_tokens, full_texts)):
+            ids = self.end_text(ids, self.num_query_tokens)
+            # The prompt's tokens are those the full text shares with the prompt alone (a tokenizer may merge across
+            # the boundary; the merged token then counts as target).
+            prompt_length = common_prefix_length(prompt, ids)
+            input_ids.append(ids)
+            labels.append([-100] * prompt_length + ids[prompt_length:])
+        return self.pad({"input_ids": input_ids, "labels": labels})
+
+    def encode_encoder_decoder(self, prompts, targets):
+        encoder_ids = [
+            self.truncate(ids, self.num_query_tokens)
+            for ids in image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
+        ]
+        target_ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        labels = [self.end_text(ids, 0) for ids in target_ids]
+        batch = self.pad({"input_ids": encoder_ids})
+        decoder = self.pad({"labels": labels})
+        batch["labels"] = decoder["labels"]
+        batch["decoder_attention_mask"] = decoder["attention_mask"]
+        return batch
+
+    def end_text(self, ids: list[int], num_placeholders: int) -> list[int]:
+        """Appends the end-of-text tokens unless the tokenizer already did, keeping at most `max_length` text tokens."""
+        end = self.end_of_text_ids
+        if ids[len(ids) - len(end) :] == end and len(ids) > num_placeholders:
+            ids = ids[: len(ids) - len(end)]
+        return ids[: num_placeholders + self.max_length - len(end)] + end
+
+    def truncate(self, ids: list[int], num_placeholders: int) -> list[int]:
+        return ids[: num_placeholders + self.max_length]
+
+    def pad(self, columns: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+        """Right padding: pad id in `input_ids`, -100 in `labels`; `attention_mask` 1 on the real tokens."""
+        first = next(iter(columns.values()))
+        length = max(len(ids) for ids in first)
+        padding_values = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
+        batch = {
+            name: torch.tensor([ids + [padding_values[name]] * (length - len(ids)) for ids in rows])
+            for name, rows in columns.items()
+        }
+        batch["attention_mask"] = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in first])
+        return batch
+
+
+class CaptionLMCollator(LanguageModelingCollator):
+    """
+    Stage-2 image captioning: `prompt` (default none, as pre-training; "a photo of" for COCO fine-tuning) followed by
+    the caption cleaned by `pre_caption`.
+
+    split_captions: encoder-decoder pre-training (prefix language modelling). Each caption is cut before a random word
+        (uniform over its words, so the prefix may be empty and the suffix is never): the prefix goes to the encoder
+        after the prompt, the suffix is the target. `generator` (a `torch.Generator`) makes the cuts reproducible;
+        without one, torch's global generator is used, which DataLoader seeds differently in every worker.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        num_query_tokens,
+        is_encoder_decoder=False,
+        prompt: str = "",
+        split_captions: bool = False,
+        generator: torch.Generator | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        caption_column: str = "caption",
+        **kwargs,
+    ):
+        super().__init__(image_processor, tokenizer, num_query_tokens, is_encoder_decoder, **kwargs)
+        if split_captions and not is_encoder_decoder:
+            raise ValueError(
+                "split_captions is for encoder-decoder LLMs (prefix LM); a decoder-only LLM reads the whole caption"
+            )
+        self.prompt = prompt
+        self.split_captions = split_captions
+        self.generator = generator
+        self.max_words = max_words
+        self.caption_column = caption_column
+
+    def prepare_text(self, sample):
+        caption = clean_caption(sample, self.caption_column, self.max_words)
+        if not self.split_captions:
+            return self.prompt, caption
+        words = caption.split(" ")
+        cut = torch.randint(0, len(words), (1,), generator=self.generator).item()
+        return join_prompt(self.prompt, " ".join(words[:cut])).rstrip(" "), " ".join(words[cut:])
+
+
+class VQACollator(LanguageModelingCollator):
+    """
+    Visual question answering: the question, cleaned by `pre_question`, in `prompt` ("Question: {} Answer:"; BLIP-2's
+    FlanT5 models use "Question: {} Short answer:"), the answer as target. A list of answers (VQAv2's ten annotators)
+    trains on the most frequent one, the first of equals.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        num_query_tokens,
+        is_encoder_decoder=False,
+        prompt: str = VQA_PROMPT,
+        max_words: int = DEFAULT_MAX_WORDS,
+        question_column: str = "question",
+        answer_column: str = "answer",
+        **kwargs,
+    ):
+        super().__init__(image_processor, tokenizer, num_query_tokens, is_encoder_decoder, **kwargs)
+        if "{}" not in prompt:
+            raise ValueError(f"prompt is {prompt!r}; expected a template with {{}} where the question goes")
+        self.prompt = prompt
+        self.max_words = max_words
+        self.question_column = question_column
+        self.answer_column = answer_column
+
+    def prepare_text(self, sample):
+        question = pre_question(sample_text(sample, self.question_column, "question"), self.max_words)
+        answer = sample.get(self.answer_column)
+        if isinstance(answer, (list, tuple)) and answer:
+            answer = Counter(answer).most_common(1)[0][0]
+        if not isinstance(answer, str) or not answer.strip():
+            raise UnreadableSampleError(
+                f"answer column {self.answer_column!r} holds {sample.get(self.answer_column)!r}; expected a non-empty "
+                "string or a list of them",
+                "bad text",
+            )
+        return self.prompt.format(question), answer.strip()
+
+
+class InstructionCollator(LanguageModelingCollator):
+    """Instruction data: each sample's `prompt_column` text is the prompt, its `response_column` text the target."""
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        num_query_tokens,
+        is_encoder_decoder=False,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        **kwargs,
+    ):
+        super().__init__(image_processor, tokenizer, num_query_tokens, is_encoder_decoder, **kwargs)
+        self.prompt_column = prompt_column
+        self.response_column = response_column
+
+    def prepare_text(self, sample):
+        prompt = sample.get(self.prompt_column)
+        if not isinstance(prompt, str):
+            raise UnreadableSampleError(
+                f"prompt column {self.prompt_column!r} holds {prompt!r}; expected a string", "bad text"
+            )
+        return prompt, sample_text(sample, self.response_column, "response").strip()
+
+
+__all__ = [
+    "CaptionLMCollator",
+    "ImageCaptionCollator",
+    "ImageCollator",
+    "InstructionCollator",
+    "LanguageModelingCollator",
+    "VQACollator",
+    "image_text_ids",
+    "image_token_id",
+]
