@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from modeling_blip2.quickstart.scenes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, make_scenes
 
@@ -93,3 +94,22 @@ def test_scenes_are_a_function_of_the_seed():
 def test_too_many_held_out_scenes_is_refused_with_the_limit():
     with pytest.raises(ValueError, match=r"num_test=5000; at most \d+ distinct held-out layouts"):
         make_scenes(num_train=10, num_test=5000)
+
+
+@pytest.mark.slow
+def test_quickstart_small_run_beats_the_untrained_model_and_reloads(tmp_path):
+    from modeling_blip2.cli import main
+
+    start = time.perf_counter()
+    assert main(["quickstart", "--size", "small", "--output-dir", str(tmp_path)]) == 0
+    print(f"quickstart --size small: {time.perf_counter() - start:.0f} s")
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    metrics = results["metrics"]
+    for name in ("retrieval txt_r1", "retrieval img_r1", "caption CIDEr"):
+        assert metrics[name]["trained"] > metrics[name]["untrained"], (name, metrics[name])
+    assert set(results["timings"]) >= {"stage 1: ITC + ITM + ITG", "stage 2: Q-Former -> frozen LLM"}
+    for picture in ("loss_curves.png", "samples.png"):
+        with Image.open(tmp_path / picture) as image:
+            assert image.width > 400 and image.height > 200
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -3,6 +3,7 @@
 import torch
 from tqdm.auto import tqdm
 
+from ..training.collators import image_text_ids
 from .language import VQA_PROMPT
 
 
@@ -38,27 +39,26 @@ def generate_texts(model, tokenizer, pixel_values: torch.Tensor, prompts: list[s
                    max_new_tokens: int = 30, description: str = "generating") -> list[str]:
     """Greedy answers (or captions, without prompts) of a stage-2 model, one per image."""
     model.eval()
-    image_prefix = tokenizer.convert_ids_to_tokens(model.config.image_token_id) * model.config.num_query_tokens
     outputs = []
     for start in tqdm(range(0, len(pixel_values), batch_size), desc=description, unit="batch"):
         images = pixel_values[start : start + batch_size]
         texts = [""] * len(images) if prompts is None else prompts[start : start + batch_size]
-        inputs = tokenizer(
-            [f"{image_prefix}{tokenizer.bos_token}{text}" for text in texts],
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
+        rows = image_text_ids(tokenizer, model.config.num_query_tokens, texts)
+        length = max(len(row) for row in rows)
+        # Left padding, so that every row's new tokens follow its prompt directly.
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(row)) + row for row in rows])
+        attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
         generated = model.generate(
             pixel_values=images,
-            **inputs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        new_tokens = generated[:, length:]
         outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs
 

@@ -7,10 +7,9 @@ prefix that stage 2 puts in front of them.
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from ..training.collators import VQA_PROMPT  # the paper's prompt for decoder-only LLMs
 from .training import train_with_progress_bar
 
-
-VQA_PROMPT = "Question: {} Answer:"  # the paper's prompt for decoder-only LLMs
 
 
 def make_language_config(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 128, num_layers: int = 2):
@@ -35,16 +34,14 @@ def language_texts(captions: list[str], questions: list[tuple[str, str]]) -> lis
 
 
 class CausalLMCollator:
-    """<s> text </s>, right-padded; every real token after <s> is a target."""
+    """<s> text </s> (the tokenizer adds <s>), right-padded; every real token is a target."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
-        batch = self.tokenizer(
-            [f"{bos}{text}{eos}" for text in texts], padding=True, padding_side="right", return_tensors="pt"
-        )
+        eos = self.tokenizer.eos_token
+        batch = self.tokenizer([f"{text}{eos}" for text in texts], padding=True, padding_side="right", return_tensors="pt")
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
 

@@ -24,12 +24,14 @@ from ..builders import build_stage1_model
 from ..configuration import Blip2BridgeConfig
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from ..training.collators import ImageCaptionCollator, InstructionCollator
+from ..training.collators import image_token_id as llm_image_token_id
 from . import evaluation
 from .language import VQA_PROMPT, language_texts, make_language_config, pretrain_language_model
 from .report import draw_loss_curves, draw_sample_grid, format_results_table
 from .scenes import QUESTION_TYPES, make_scenes
 from .training import train_with_progress_bar, trainer_arguments, trainer_losses
-from .tokenization import IMAGE_TOKEN, train_llm_tokenizer, train_qformer_tokenizer
+from .tokenization import train_llm_tokenizer, train_qformer_tokenizer
 from .vision import cell_accuracy, cell_labels, make_vision_config, pretrain_vision_model
 
 
@@ -95,7 +97,8 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
     with timer.phase("scenes"):
         train_scenes, test_scenes = make_scenes(settings.num_train, settings.num_test, seed=settings.seed)
         image_processor = Blip2BridgeImageProcessor(size={"height": settings.image_size, "width": settings.image_size})
-        train_pixels = image_processor([scene.draw(settings.image_size) for scene in train_scenes])["pixel_values"]
+        train_images = [scene.draw(settings.image_size) for scene in train_scenes]
+        train_pixels = image_processor(train_images)["pixel_values"]
         test_pixels = image_processor([scene.draw(settings.image_size) for scene in test_scenes])["pixel_values"]
         train_captions = [scene.caption for scene in train_scenes]
         train_questions = [pair for scene in train_scenes for pair in scene.questions]
@@ -142,7 +145,7 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
     )
     qformer_processor = Blip2BridgeProcessor(image_processor, qformer_tokenizer)
     test_text = qformer_processor(text=[scene.caption for scene in test_scenes])
-    image_token_id = llm_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token_id = llm_image_token_id(llm_tokenizer)
     # The baseline: the same parts before stage 1 and stage 2 (pre-trained image encoder and LLM, new Q-Former).
     torch.manual_seed(settings.seed)
     untrained_stage2 = build_stage2_model(stage1, language_model, image_token_id)
@@ -151,12 +154,12 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
         untrained_retrieval = evaluation.recall_at(
             *evaluation.retrieval_scores(stage1, test_pixels, test_text["input_ids"], test_text["attention_mask"])
         )
-        stage1_data = [{"pixel_values": pixels, "text": caption} for pixels, caption in zip(train_pixels, train_captions)]
+        stage1_data = [{"image": image, "caption": caption} for image, caption in zip(train_images, train_captions)]
         trainer = Trainer(
             model=stage1,
             args=trainer_arguments(output_dir / "stage1", settings.stage1_steps, settings.batch_size, 1e-3, settings.seed),
             train_dataset=stage1_data,
-            data_collator=lambda examples: caption_batch(qformer_processor, examples),
+            data_collator=ImageCaptionCollator(qformer_processor),
         )
         train_with_progress_bar(trainer)
         curves["stage 1"] = trainer_losses(trainer.state.log_history)
@@ -169,19 +172,20 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
     with timer.phase("stage 2: Q-Former -> frozen LLM"):
         torch.manual_seed(settings.seed)
         stage2 = build_stage2_model(stage1, language_model, image_token_id)
+        # Captions (no prompt, as BLIP-2's stage 2) and answers to the VQA prompt, in one instruction-style set.
         stage2_data = [
-            {"pixel_values": pixels, "prompt": "", "target": scene.caption}
-            for pixels, scene in zip(train_pixels, train_scenes)
+            {"image": image, "prompt": "", "response": scene.caption}
+            for image, scene in zip(train_images, train_scenes)
         ] + [
-            {"pixel_values": pixels, "prompt": VQA_PROMPT.format(question), "target": f" {answer}"}
-            for pixels, scene in zip(train_pixels, train_scenes)
+            {"image": image, "prompt": VQA_PROMPT.format(question), "response": answer}
+            for image, scene in zip(train_images, train_scenes)
             for question, answer in scene.questions
         ]
         trainer = Trainer(
             model=stage2,
             args=trainer_arguments(output_dir / "stage2", settings.stage2_steps, settings.batch_size, 1e-3, settings.seed),
             train_dataset=stage2_data,
-            data_collator=lambda examples: prompted_batch(llm_tokenizer, stage2.config.num_query_tokens, examples),
+            data_collator=InstructionCollator(image_processor, llm_tokenizer, stage2.config.num_query_tokens),
         )
         train_with_progress_bar(trainer)
         curves["stage 2"] = trainer_losses(trainer.state.log_history)
@@ -264,30 +268,3 @@ def qformer_bert_config(settings: QuickstartSettings, tokenizer) -> BertConfig:
         attention_probs_dropout_prob=0.0,
         pad_token_id=tokenizer.pad_token_id,
     )
-
-
-def caption_batch(processor: Blip2BridgeProcessor, examples: list[dict]) -> dict[str, torch.Tensor]:
-    batch = processor(text=[example["text"] for example in examples])
-    batch["pixel_values"] = torch.stack([example["pixel_values"] for example in examples])
-    return dict(batch)
-
-
-def prompted_batch(tokenizer, num_query_tokens: int, examples: list[dict]) -> dict[str, torch.Tensor]:
-    """[image] x num_query_tokens, <s>, prompt, target, </s>; right-padded; only the target and </s> are labels."""
-    image_ids = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] * num_query_tokens
-    rows, label_rows = [], []
-    for example in examples:
-        prompt_ids = image_ids + [tokenizer.bos_token_id] + tokenizer(example["prompt"]).input_ids
-        target_ids = tokenizer(example["target"]).input_ids + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + target_ids)
-        label_rows.append([-100] * len(prompt_ids) + target_ids)
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for index, (row, label_row) in enumerate(zip(rows, label_rows)):
-        input_ids[index, : len(row)] = torch.tensor(row)
-        labels[index, : len(row)] = torch.tensor(label_row)
-        attention_mask[index, : len(row)] = 1
-    pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -2,13 +2,14 @@
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizer, PreTrainedTokenizerFast
+
+from ..training.collators import IMAGE_TOKEN
 
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEC_TOKEN = "[DEC]"
-IMAGE_TOKEN = "<image>"
 LLM_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
@@ -34,7 +35,8 @@ def train_qformer_tokenizer(texts: list[str], vocab_size: int = 300) -> BertToke
 
 
 def train_llm_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE with <s>, </s>, <pad>, <unk> and the image placeholder token <image>.
+    """A byte-level BPE with <s>, </s>, <pad>, <unk> and the image placeholder token <image>; like LLaMA's, it starts
+    every text with <s> and leaves </s> to the caller.
 
     Byte-level BPE decodes back to the exact text (spaces and punctuation included), which captions need.
     """
@@ -48,6 +50,10 @@ def train_llm_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTo
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
+    bos = LLM_SPECIAL_TOKENS["bos_token"]
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **LLM_SPECIAL_TOKENS, padding_side="left")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
