@@ -70,8 +70,8 @@ class Blip2BridgeConfig(PreTrainedConfig):
         initial_temperature: initial value of the learnable ITC temperature `temp`.
         freeze_vision_model: keep the vision encoder frozen (no gradient, eval mode), as the paper does.
         freeze_language_model: keep the stage-2 language model frozen (no gradient), as the paper does; only the
-            queries, the Q-Former and the language projection train. Its dropout follows the model's train/eval mode,
-            as in the original.
+            queries, the Q-Former and the language projection train. The model leaves its dropout to train/eval mode,
+            as the original does; `Blip2BridgeTrainer` keeps frozen modules in eval mode (`frozen_modules_eval`).
         gather_with_grad: ITC's cross-process gather keeps the gradient of the other ranks' features. The original
             detaches them (default False), so that each direction of the loss trains one side only.
         image_token_id: id of the image placeholder token in the LLM's input ids (stage 2).

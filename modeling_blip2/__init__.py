@@ -17,6 +17,7 @@ from .modeling_blip2_bridge_generation import (
     Blip2BridgeForConditionalGenerationOutput,
 )
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .pipeline_image_to_text import Blip2BridgeImageToTextPipeline
 from .processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 
 
@@ -31,16 +32,38 @@ AutoProcessor.register(Blip2BridgeConfig, Blip2BridgeProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
+# The metrics import evaluate and datasets, and the trainer transformers' Trainer (seconds), which using the model
+# never needs: both load on first access.
+_METRICS = ("CaptionMetrics", "RetrievalRecall", "VQAAccuracy")
+
+
+def __getattr__(name):
+    if name in _METRICS:
+        from . import metrics
+
+        return getattr(metrics, name)
+    if name == "Blip2BridgeTrainer":
+        from .training import Blip2BridgeTrainer
+
+        return Blip2BridgeTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Blip2BridgeConfig",
     "Blip2BridgeForConditionalGeneration",
     "Blip2BridgeForConditionalGenerationOutput",
     "Blip2BridgeImageProcessor",
+    "Blip2BridgeImageToTextPipeline",
     "Blip2BridgeModel",
     "Blip2BridgeModelOutput",
     "Blip2BridgePreTrainedModel",
     "Blip2BridgeProcessor",
     "Blip2BridgeQFormerConfig",
     "Blip2BridgeQFormerModel",
+    "Blip2BridgeTrainer",
+    "CaptionMetrics",
+    "RetrievalRecall",
+    "VQAAccuracy",
     "build_stage1_model",
 ]

@@ -149,6 +149,7 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
     """
 
     config: Blip2BridgeConfig
+    hub_auto_classes = ("AutoModelForPreTraining",)
     _tied_weights_keys = {"itg_head.decoder.weight": "qformer.word_embeddings.weight"}
 
     def __init__(self, config: Blip2BridgeConfig):

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .builders import BERT_HYPERPARAMETERS
 from .configuration import Blip2BridgeConfig
+from .hub import IMAGE_TO_TEXT_PIPELINE
 from .modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
 
@@ -81,6 +82,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
     """
 
     config: Blip2BridgeConfig
+    hub_auto_classes = ("AutoModelForImageTextToText",)
+    hub_custom_pipelines = {"image-to-text": IMAGE_TO_TEXT_PIPELINE}
 
     def __init__(self, config: Blip2BridgeConfig):
         super().__init__(config)

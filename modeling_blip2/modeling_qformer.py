@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
+from .hub import Blip2BridgeHubMixin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -216,7 +217,7 @@ class Blip2BridgeQFormerOutput(ModelOutput):
     past_key_values: Cache | None = None
 
 
-class Blip2BridgePreTrainedModel(PreTrainedModel):
+class Blip2BridgePreTrainedModel(Blip2BridgeHubMixin, PreTrainedModel):
     config: Blip2BridgeConfig
     base_model_prefix = "blip2_bridge"
     main_input_name = "pixel_values"

@@ -57,6 +57,8 @@ class Blip2BridgeImageProcessor(PilBackend):
     to `size` bounds everything after it.
     """
 
+    # A saved image processor carries this file and its `auto_map` (it imports nothing from blip2-bridge).
+    _auto_class = "AutoImageProcessor"
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD

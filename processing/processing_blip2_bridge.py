@@ -1,39 +1,89 @@
-"""Processor of blip2-bridge: images and the Q-Former's BERT-style text, prepared in one call."""
+"""Processor of blip2-bridge: images and text, prepared in one call for a stage-1 or a stage-2 model.
 
-from transformers import BatchFeature, ProcessorMixin
+Stage 1 tokenises captions with the Q-Former's BERT-style tokenizer. Stage 2 tokenises prompts with the language
+model's tokenizer and puts `num_query_tokens` image placeholder tokens in front of them, as transformers'
+`Blip2Processor` does, whose saved files this processor also loads.
+"""
+
+from transformers import AddedToken, BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 
 # LAVIS's `max_txt_len` for BLIP-2 pre-training: the length texts are cut to when the tokenizer sets no limit.
 BLIP2_MAX_TEXT_LENGTH = 32
+# The placeholder transformers' Blip2Processor adds to the language model's tokenizer; the model replaces the
+# embeddings of these tokens by its projected query outputs.
+IMAGE_TOKEN = "<image>"
 
 
 class Blip2BridgeProcessor(ProcessorMixin):
     r"""
-    Prepares the inputs of a stage-1 BLIP-2 model: `pixel_values` from a [`Blip2BridgeImageProcessor`], and
-    `input_ids` and `attention_mask` from the Q-Former's BERT-style tokenizer, which starts every text with [CLS] (the
-    model swaps it for [DEC] for image-grounded generation). The Q-Former has no token-type embeddings, so no
-    `token_type_ids` are returned.
+    Prepares the inputs of a BLIP-2 model.
+
+    - Stage 1 (`num_query_tokens=None`): `pixel_values` from a [`Blip2BridgeImageProcessor`], and `input_ids` and
+      `attention_mask` from the Q-Former's BERT-style tokenizer, which starts every text with [CLS] (the model swaps it
+      for [DEC] for image-grounded generation). The Q-Former has no token-type embeddings, so no `token_type_ids` are
+      returned. Texts longer than [`~Blip2BridgeProcessor.max_text_length`] are truncated.
+    - Stage 2 (`num_query_tokens` set, as for a [`Blip2BridgeForConditionalGeneration`]): the language model's
+      tokenizer, with an `<image>` special token added when it has none. With images, every prompt is preceded by
+      `num_query_tokens` `<image>` tokens (the model's `config.image_token_id` must be this token's id, see
+      [`~Blip2BridgeProcessor.image_token_id`]); the padding side is the tokenizer's (left padding for batched
+      generation with a decoder-only LLM). Token ids equal transformers' `Blip2Processor` for the same arguments.
+      Prompts may be empty (captioning). A prompt longer than the tokenizer's `model_max_length` (placeholders
+      included) is an error unless `truncation=True`.
 
     Args:
-        image_processor: a [`Blip2BridgeImageProcessor`].
-        tokenizer: the Q-Former's tokenizer, e.g. bert-base-uncased's `BertTokenizer`.
+        image_processor: a [`Blip2BridgeImageProcessor`] (or any image processor, e.g. transformers'
+            `BlipImageProcessor` when loading a `Blip2Processor`).
+        tokenizer: stage 1: the Q-Former's tokenizer, e.g. bert-base-uncased's; stage 2: the language model's.
+        num_query_tokens: the model's `config.num_query_tokens` for a stage-2 model; None for stage 1.
+        chat_template: optional Jinja chat template. BLIP-2 models answer plain prompts ("Question: {} Answer:"), so
+            none is set by default.
     """
 
-    def __init__(self, image_processor, tokenizer, **kwargs):
-        super().__init__(image_processor, tokenizer, **kwargs)
-        if tokenizer.cls_token is None:
-            raise ValueError(
-                f"tokenizer {type(tokenizer).__name__} has no [CLS] token; expected the Q-Former's BERT-style "
-                "tokenizer, which starts every text with [CLS]"
-            )
+    # A saved processor carries this file and its `auto_map` (the file imports nothing from blip2-bridge), so that
+    # AutoProcessor loads it with trust_remote_code=True where blip2-bridge is not installed.
+    _auto_class = "AutoProcessor"
+
+    def __init__(self, image_processor, tokenizer, num_query_tokens: int | None = None, chat_template=None, **kwargs):
+        if num_query_tokens is None:
+            if tokenizer.cls_token is None:
+                raise ValueError(
+                    f"tokenizer {type(tokenizer).__name__} has no [CLS] token; expected the Q-Former's BERT-style "
+                    "tokenizer, which starts every text with [CLS] (stage 1), or pass num_query_tokens to use a "
+                    "language model's tokenizer (stage 2)"
+                )
+        elif not isinstance(num_query_tokens, int) or num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens is {num_query_tokens!r}; expected a positive integer or None")
+        else:
+            tokenizer.return_token_type_ids = False
+            # As transformers' Blip2Processor: a tokenizer saved by it already holds the token, and adding it
+            # again keeps its id.
+            self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+            tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
+        self.num_query_tokens = num_query_tokens
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
-    def max_text_length(self) -> int:
-        """Texts are truncated to this many tokens, [CLS] and [SEP] included, unless `max_length` says otherwise."""
+    def is_stage2(self) -> bool:
+        return self.num_query_tokens is not None
+
+    @property
+    def image_token_id(self) -> int | None:
+        """Id of the image placeholder in the language model's vocabulary; the model's `config.image_token_id`."""
+        if not self.is_stage2:
+            return None
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def max_text_length(self) -> int | None:
+        """
+        Stage 1: texts are truncated to this many tokens, [CLS] and [SEP] included, unless `max_length` says
+        otherwise. Stage 2: the longest input the language model takes, image placeholders included (None: no limit).
+        """
         model_max_length = self.tokenizer.model_max_length
         if model_max_length is None or model_max_length >= VERY_LARGE_INTEGER:  # transformers' "no limit set"
-            return BLIP2_MAX_TEXT_LENGTH
+            return None if self.is_stage2 else BLIP2_MAX_TEXT_LENGTH
         return model_max_length
 
     @property
@@ -45,7 +95,7 @@ class Blip2BridgeProcessor(ProcessorMixin):
         images=None,
         text: str | list[str] | None = None,
         padding: bool | str = "longest",
-        truncation: bool | str = True,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
@@ -54,8 +104,11 @@ class Blip2BridgeProcessor(ProcessorMixin):
         Args:
             images: one image or a batch (see [`Blip2BridgeImageProcessor`] for what is accepted).
             text: one string or a list with one string per image. A single string goes with every image.
-            padding, truncation: as for the tokenizer. Texts longer than `max_length` are cut (keeping [SEP] last).
-            max_length: defaults to [`~Blip2BridgeProcessor.max_text_length`].
+            padding: as for the tokenizer; the default pads to the longest text.
+            truncation: stage 1 defaults to True (texts are cut to `max_length`, keeping [SEP] last); stage 2 to
+                False (a prompt too long for the language model is an error).
+            max_length: stage 1: defaults to [`~Blip2BridgeProcessor.max_text_length`]. Stage 2: the length of the
+                whole input, image placeholders included, as transformers' Blip2Processor.
             return_tensors: "pt", "np", or None for lists.
             kwargs: further image-processor or tokenizer arguments (e.g. `size`, `add_special_tokens`).
 
@@ -64,7 +117,7 @@ class Blip2BridgeProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError(f"{type(self).__name__} needs images, text or both; got neither")
-        texts = None if text is None else check_texts(text)
+        texts = None if text is None else check_texts(text, allow_empty=self.is_stage2)
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
 
         encoding = {}
@@ -83,19 +136,62 @@ class Blip2BridgeProcessor(ProcessorMixin):
             text_kwargs = {
                 **output_kwargs["text_kwargs"],
                 "padding": padding,
-                "truncation": truncation,
-                "max_length": self.max_text_length if max_length is None else max_length,
                 "return_token_type_ids": False,
-                "return_tensors": return_tensors,
             }
-            encoding.update(self.tokenizer(texts, **text_kwargs))
+            if self.is_stage2:
+                encoding.update(self._encode_prompts(texts, images is not None, truncation, max_length, text_kwargs))
+            else:
+                text_kwargs["truncation"] = True if truncation is None else truncation
+                text_kwargs["max_length"] = self.max_text_length if max_length is None else max_length
+                encoding.update(self.tokenizer(texts, **text_kwargs))
 
         encoding = {name: value for name, value in encoding.items() if name not in self.unused_input_names}
         return BatchFeature(encoding, tensor_type=return_tensors)
 
+    def _encode_prompts(self, texts, with_images: bool, truncation, max_length, text_kwargs) -> dict:
+        """Language-model tokens of `texts`, after `num_query_tokens` image placeholders when there are images."""
+        num_placeholders = self.num_query_tokens if with_images else 0
+        truncation = False if truncation is None else truncation
+        if max_length is not None:
+            # As transformers' Blip2Processor, max_length counts the placeholders, which are never truncated.
+            text_kwargs["max_length"] = max_length - num_placeholders
+        text_encoding = self.tokenizer(texts, truncation=truncation, **text_kwargs)
 
-def check_texts(text) -> list[str]:
-    """Returns `text` as a list of strings, refusing empty ones: an empty caption has nothing to learn from."""
+        limit = self.max_text_length if max_length is None else max_length
+        longest = max(len(ids) for ids in text_encoding["input_ids"]) + num_placeholders
+        if limit is not None and longest > limit and not truncation:
+            raise ValueError(
+                f"the longest prompt is {longest} tokens ({num_placeholders} image placeholders + "
+                f"{longest - num_placeholders} text tokens); the language model takes at most {limit} "
+                "(max_length or the tokenizer's model_max_length); shorten it or pass truncation=True"
+            )
+        if not num_placeholders:
+            return dict(text_encoding)
+        # Placeholders go before everything, BOS and left padding included, as transformers' Blip2Processor.
+        placeholders = {"input_ids": [self.image_token_id] * num_placeholders, "attention_mask": [1] * num_placeholders}
+        return {
+            name: [placeholders[name] + list(row) for row in rows] for name, rows in text_encoding.items()
+        }
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decodes generated token ids (a batch or one sequence) into text; what the image-text-to-text pipeline calls."""
+        return self.tokenizer.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        if chat_template is None and self.chat_template is None:
+            raise ValueError(
+                f"{type(self).__name__} has no chat template: BLIP-2 models answer a plain prompt next to the image, "
+                "e.g. pipeline(images=image, text='Question: what is shown? Answer:'); pass chat_template=... or "
+                "set processor.chat_template to use chat messages"
+            )
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+
+def check_texts(text, allow_empty: bool = False) -> list[str]:
+    """
+    Returns `text` as a list of strings. Empty captions are refused (nothing to learn from); empty prompts are
+    allowed with `allow_empty` (a stage-2 model captions the image).
+    """
     if isinstance(text, str):
         texts = [text]
     elif isinstance(text, (list, tuple)):
@@ -109,7 +205,7 @@ def check_texts(text) -> list[str]:
         name = "text" if isinstance(text, str) else f"text[{index}]"
         if not isinstance(sample, str):
             raise TypeError(f"{name} is a {type(sample).__name__}; expected a string")
-        if not sample.strip():
+        if not allow_empty and not sample.strip():
             raise ValueError(f"{name} is {sample!r}; expected a non-empty string")
     return texts
 

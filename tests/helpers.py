@@ -46,3 +46,42 @@ def make_bert_tokenizer(tmp_dir=None, extra_texts=()) -> BertTokenizer:
         return tokenizer
     tokenizer.save_pretrained(tmp_dir)
     return AutoTokenizer.from_pretrained(tmp_dir)
+
+
+def make_llm_tokenizer(kind: str, extra_texts=(), padding_side: str = "right"):
+    """
+    A tiny language-model tokenizer trained on `CAPTIONS` (and `extra_texts`) in milliseconds, with the special tokens
+    at the ids of the tiny stage-2 configs in tests/test_stage2.py:
+
+    - "opt": byte-level BPE like OPT's GPT-2 tokenizer: <s>=0, <pad>=1, </s>=2 (OPT's BOS and EOS), <unk>=3; every
+      text starts with </s>; no EOS is appended.
+    - "t5": SentencePiece-style BPE like T5's: <pad>=0, </s>=1, <unk>=2; every text ends with </s>.
+
+    `padding_side` is saved with the tokenizer (left for batched generation with a decoder-only LLM).
+    """
+    from tokenizers import decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [*CAPTIONS, *extra_texts, "question: what is in the picture? answer: short answer:"]
+    if kind == "opt":
+        special = ["<s>", "<pad>", "</s>", "<unk>"]
+        backend = Tokenizer(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        template = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", 2)])
+        names = dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    elif kind == "t5":
+        special = ["<pad>", "</s>", "<unk>"]
+        backend = Tokenizer(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
+        template = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+        names = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    else:
+        raise ValueError(f"kind is {kind!r}; expected 'opt' or 't5'")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=alphabet, show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.post_processor = template
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **names)

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from helpers import make_bert_tokenizer
+from tests.helpers import make_bert_tokenizer
 from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 

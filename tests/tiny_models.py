@@ -68,3 +68,31 @@ def tiny_batch(batch_size: int = 4, text_length: int = 8, seed: int = 0, image_s
         input_ids[1, text_length // 2 :] = PAD_ID
         input_ids[1, text_length // 2 - 1] = SEP_ID
     return pixel_values, input_ids, attention_mask
+
+
+def tiny_stage2(kind: str = "opt", seed: int = 0):
+    """
+    A tiny random stage-2 model on an OPT-like ("opt") or T5-like ("t5") LLM and its processor, whose tokenizer is
+    trained on the fly: the LLM's vocabulary is the tokenizer's (with `<image>`), `config.image_token_id` its id.
+    Weights get extra noise so that different images give different generations.
+    """
+    from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeImageProcessor, Blip2BridgeProcessor
+    from tests.helpers import make_llm_tokenizer
+    from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS
+
+    tokenizer = make_llm_tokenizer(kind, padding_side="left" if kind == "opt" else "right")
+    image_processor = Blip2BridgeImageProcessor(size={"height": 28, "width": 28})
+    processor = Blip2BridgeProcessor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    config = Blip2BridgeConfig(
+        vision_config=VISION_CONFIG,
+        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16),
+        text_config=dict(TEXT_CONFIGS[kind], vocab_size=len(tokenizer)),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_id=processor.image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2BridgeForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    return model, processor

@@ -6,7 +6,7 @@
     blip2-bridge train config.yaml --max_steps 100     # flags given after the file override its values
 
 The arguments are three dataclasses read by transformers' `HfArgumentParser`: `ModelArguments`, `DataArguments` and
-`TrainingArguments` (every Trainer option: batch size, learning rate, bf16, logging, checkpoints, ...).
+`Blip2BridgeTrainingArguments` (every TrainingArguments option: batch size, learning rate, bf16, logging, checkpoints, ...).
 """
 
 import argparse
@@ -21,8 +21,6 @@ import yaml
 from transformers import (
     AutoTokenizer,
     HfArgumentParser,
-    Trainer,
-    TrainingArguments,
     set_seed,
 )
 
@@ -30,10 +28,12 @@ from .. import builders
 from ..modeling_blip2_bridge import Blip2BridgeModel
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from .arguments import Blip2BridgeTrainingArguments
 from .augmentation import RandomResizedCropAndFlip
 from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
 from .datasets import load_coco_captions, load_image_folder, load_lavis_annotations, load_webdataset
+from .trainer import Blip2BridgeTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ class DataArguments:
     min_crop_scale: float = field(default=0.5, metadata={"help": "smallest crop area, as a fraction of the image"})
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Blip2BridgeTrainingArguments]:
     """Reads an optional config file (the first argument, .yaml/.yml/.json) whose values the flags after it override."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="blip2-bridge train")
+    parser = HfArgumentParser((ModelArguments, DataArguments, Blip2BridgeTrainingArguments), prog="blip2-bridge train")
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
         config = read_config_file(argv[0])
         known = {action.dest: action for action in parser._actions}
@@ -267,9 +267,9 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
     return collator, tokenizer
 
 
-def make_trainer(model, training_args, train_dataset, data_collator, processing_class) -> Trainer:
+def make_trainer(model, training_args, train_dataset, data_collator, processing_class) -> Blip2BridgeTrainer:
     """The one place the trainer class is chosen."""
-    return Trainer(
+    return Blip2BridgeTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -281,7 +281,7 @@ def make_trainer(model, training_args, train_dataset, data_collator, processing_
 # ---- the command ------------------------------------------------------------------------------------------------
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: Blip2BridgeTrainingArguments) -> dict:
     """Trains, saves the model (and its processor) to `output_dir`, and returns the summary it also writes there."""
     if training_args.output_dir is None:
         raise ValueError("--output_dir is required: the folder the trained model is written to")
@@ -350,7 +350,7 @@ def add_train_command(subcommands) -> None:
         "train",
         help="train a Q-Former (stage 1) or bridge it to an LLM (stage 2)",
         description="Train BLIP-2 stage 1 or 2. Arguments: [CONFIG.yaml|CONFIG.json] [--flags]; the flags are "
-        "ModelArguments, DataArguments and transformers' TrainingArguments (see `blip2-bridge train --help`).",
+        "ModelArguments, DataArguments and Blip2BridgeTrainingArguments (transformers' TrainingArguments + frozen_dtype, frozen_modules_eval) (see `blip2-bridge train --help`).",
         add_help=False,  # --help goes to HfArgumentParser, which knows every flag
     )
 

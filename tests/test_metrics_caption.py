@@ -1,0 +1,143 @@
+"""CaptionMetrics against the COCO caption toolkit (pycocoevalcap with Java).
+
+tests/fixtures/coco_caption_toolkit.json holds the toolkit's own outputs (tokens and scores), written by
+tests/fixtures/make_coco_caption_fixture.py. Where pycocoevalcap and Java are installed, the same comparisons also
+run live on fresh inputs.
+"""
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modeling_blip2.metrics import CaptionMetrics
+from modeling_blip2.metrics.ptb_tokenizer import ptb_tokenize, ptb_tokenize_captions
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOOLKIT = json.loads((FIXTURES / "coco_caption_toolkit.json").read_text(encoding="utf-8"))
+CORE_SCORES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
+
+
+def _toolkit_available():
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("java") is not None
+
+
+needs_toolkit = pytest.mark.skipif(not _toolkit_available(), reason="pycocoevalcap and java are not installed")
+
+
+def test_ptb_tokenizer_equals_the_java_tokenizer_on_every_fixture_caption():
+    # The toolkit tokenised the captions as one stream, in this order.
+    captions = [item["caption"] for item in TOOLKIT["tokenized"]]
+    ours = ptb_tokenize_captions(captions)
+    mismatches = [
+        (item["caption"], item["tokens"], tokens) for item, tokens in zip(TOOLKIT["tokenized"], ours)
+        if tokens != item["tokens"]
+    ]  # fmt: skip
+    assert len(captions) >= 200
+    assert mismatches == []
+
+
+def test_a_caption_ending_in_a_letter_and_period_depends_on_the_next_caption():
+    # Java sees all captions in one file: "a." before a line starting with "The" is a sentence end, else a word.
+    assert ptb_tokenize_captions(["the letter a.", "The end"]) == ["the letter a", "the end"]
+    assert ptb_tokenize_captions(["the letter a.", "Bob is here"]) == ["the letter a.", "bob is here"]
+
+
+def test_ptb_tokenizer_splits_contractions_and_keeps_brackets_as_the_toolkit_does():
+    # Spot checks that read as documentation; the fixture above is the real reference.
+    assert ptb_tokenize("Two dogs don't like \"cats\"!") == "two dogs do n't like cats"
+    assert ptb_tokenize("A train (red) at 10:30, 1,000-piece.") == "a train -lrb- red -rrb- at 10:30 1,000-piece"
+    assert ptb_tokenize("It's Mr. Smith's U.S. car.") == "it 's mr. smith 's u.s. car"
+
+
+def test_caption_metrics_equal_the_toolkit_scores_in_the_fixture():
+    scoring = TOOLKIT["scoring"]
+    result = CaptionMetrics().compute(
+        predictions=scoring["predictions"], references=scoring["references"], java_metrics=False
+    )
+    for name in CORE_SCORES:
+        assert result[name] == pytest.approx(scoring["scores"][name], abs=1e-9), name
+    assert result["METEOR"] is None and result["SPICE"] is None
+    assert set(result["unavailable"]) == {"METEOR", "SPICE"}
+
+
+def test_caption_scores_by_hand():
+    # Predictions equal to a reference: every n-gram matches; only the toolkit's smoothing constants move the scores.
+    result = CaptionMetrics().compute(
+        predictions=["a man riding a horse", "two dogs play"],
+        references=[["A man riding a horse."], ["Two dogs play!", "A cat sleeps."]],
+        java_metrics=False,
+    )
+    # BLEU-n = prod_k ((correct_k + 1e-15) / (guess_k + 1e-9))^(1/n), with all 8+5+3+1 n-grams correct.
+    guesses = [5 + 3, 4 + 2, 3 + 1, 2 + 0]
+    expected, product = [], 1.0
+    for k, guess in enumerate(guesses):
+        product *= (guess + 1e-15) / (guess + 1e-9)
+        expected.append(product ** (1 / (k + 1)))
+    # Even the brevity penalty fires: length ratio (8 + 1e-15) / (8 + 1e-9) is just below 1.
+    expected = [score * math.exp(1 - (8 + 1e-9) / (8 + 1e-15)) for score in expected]
+    assert [result[f"Bleu_{k}"] for k in range(1, 5)] == pytest.approx(expected, abs=1e-15)
+    assert result["ROUGE_L"] == pytest.approx(1.0)
+    # CIDEr-D: the idf of an n-gram seen in both images is log(2 / 2) = 0, of one seen in one image log(2).
+    assert 0 < result["CIDEr"] < 10
+
+
+def test_bad_caption_inputs_are_named_in_the_error():
+    with pytest.raises(ValueError, match=r"references\[1\] is empty"):
+        CaptionMetrics().compute(predictions=["a", "b"], references=[["a"], []], java_metrics=False)
+
+
+@needs_toolkit
+def test_ptb_tokenizer_equals_the_java_tokenizer_live():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = [item["caption"] for item in TOOLKIT["tokenized"]]
+    rng = random.Random(1)
+    # Fresh captions: fixture captions cut and glued at random word boundaries.
+    for _ in range(100):
+        a, b = rng.sample(captions, 2)
+        words_a, words_b = a.split(), b.split()
+        captions.append(" ".join(words_a[: rng.randint(0, len(words_a))] + words_b[rng.randint(0, len(words_b)) :]))
+    java = PTBTokenizer().tokenize({i: [{"caption": caption}] for i, caption in enumerate(captions)})
+    assert ptb_tokenize_captions(captions) == [java[i][0] for i in range(len(captions))]
+
+
+@needs_toolkit
+def test_caption_metrics_equal_the_toolkit_live():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = [item["caption"] for item in TOOLKIT["tokenized"]]
+    rng = random.Random(2)
+    references = [rng.sample(captions, rng.randint(1, 5)) for _ in range(30)]
+    predictions = [rng.choice(refs + captions)[: rng.randint(5, 60)] for refs in references]
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {f"Bleu_{k + 1}": bleu[k] for k in range(4)}
+    expected["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    expected["CIDEr"] = Cider().compute_score(gts, res)[0]
+
+    result = CaptionMetrics().compute(predictions=predictions, references=references, java_metrics=False)
+    for name in CORE_SCORES:
+        assert result[name] == pytest.approx(expected[name], abs=1e-9), name
+
+
+@needs_toolkit
+@pytest.mark.slow
+def test_meteor_through_pycocoevalcap_equals_the_fixture():
+    scoring = TOOLKIT["scoring"]
+    result = CaptionMetrics().compute(predictions=scoring["predictions"], references=scoring["references"])
+    assert result["METEOR"] == pytest.approx(scoring["scores"]["METEOR"], abs=1e-9)
+    assert "METEOR" not in result["unavailable"]
