@@ -16,16 +16,18 @@ from transformers import (
     AutoModelForImageTextToText,
     BertConfig,
     BertForMaskedLM,
-    Trainer,
+    pipeline,
     set_seed,
 )
 
 from ..builders import build_stage1_model
 from ..configuration import Blip2BridgeConfig
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from ..pipeline_image_to_text import Blip2BridgeImageToTextPipeline
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from ..training import Blip2BridgeTrainer
+from ..metrics import CaptionMetrics, VQAAccuracy
 from ..training.collators import ImageCaptionCollator, InstructionCollator
-from ..training.collators import image_token_id as llm_image_token_id
 from . import evaluation
 from .language import VQA_PROMPT, language_texts, make_language_config, pretrain_language_model
 from .report import draw_loss_curves, draw_sample_grid, format_results_table
@@ -99,7 +101,8 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
         image_processor = Blip2BridgeImageProcessor(size={"height": settings.image_size, "width": settings.image_size})
         train_images = [scene.draw(settings.image_size) for scene in train_scenes]
         train_pixels = image_processor(train_images)["pixel_values"]
-        test_pixels = image_processor([scene.draw(settings.image_size) for scene in test_scenes])["pixel_values"]
+        test_images = [scene.draw(settings.image_size) for scene in test_scenes]
+        test_pixels = image_processor(test_images)["pixel_values"]
         train_captions = [scene.caption for scene in train_scenes]
         train_questions = [pair for scene in train_scenes for pair in scene.questions]
         print(f"{len(train_scenes)} training and {len(test_scenes)} held-out scenes of {settings.image_size}px")
@@ -145,17 +148,16 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
     )
     qformer_processor = Blip2BridgeProcessor(image_processor, qformer_tokenizer)
     test_text = qformer_processor(text=[scene.caption for scene in test_scenes])
-    image_token_id = llm_image_token_id(llm_tokenizer)
+    llm_processor = Blip2BridgeProcessor(image_processor, llm_tokenizer, num_query_tokens=settings.num_query_tokens)
+    image_token_id = llm_processor.image_token_id
     # The baseline: the same parts before stage 1 and stage 2 (pre-trained image encoder and LLM, new Q-Former).
     torch.manual_seed(settings.seed)
     untrained_stage2 = build_stage2_model(stage1, language_model, image_token_id)
 
     with timer.phase("stage 1: ITC + ITM + ITG"):
-        untrained_retrieval = evaluation.recall_at(
-            *evaluation.retrieval_scores(stage1, test_pixels, test_text["input_ids"], test_text["attention_mask"])
-        )
+        untrained_retrieval = evaluation.retrieval_recall(stage1, test_pixels, test_text)
         stage1_data = [{"image": image, "caption": caption} for image, caption in zip(train_images, train_captions)]
-        trainer = Trainer(
+        trainer = Blip2BridgeTrainer(
             model=stage1,
             args=trainer_arguments(output_dir / "stage1", settings.stage1_steps, settings.batch_size, 1e-3, settings.seed),
             train_dataset=stage1_data,
@@ -163,9 +165,7 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
         )
         train_with_progress_bar(trainer)
         curves["stage 1"] = trainer_losses(trainer.state.log_history)
-        trained_retrieval = evaluation.recall_at(
-            *evaluation.retrieval_scores(stage1, test_pixels, test_text["input_ids"], test_text["attention_mask"])
-        )
+        trained_retrieval = evaluation.retrieval_recall(stage1, test_pixels, test_text)
         for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
             metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
 
@@ -181,7 +181,7 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
             for image, scene in zip(train_images, train_scenes)
             for question, answer in scene.questions
         ]
-        trainer = Trainer(
+        trainer = Blip2BridgeTrainer(
             model=stage2,
             args=trainer_arguments(output_dir / "stage2", settings.stage2_steps, settings.batch_size, 1e-3, settings.seed),
             train_dataset=stage2_data,
@@ -198,26 +198,34 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
         captions = {}
         for name, model in (("untrained", untrained_stage2), ("trained", stage2)):
             captions[name] = evaluation.generate_texts(
-                model, llm_tokenizer, test_pixels, None, description=f"captions ({name})"
+                model, llm_processor, test_images, None, description=f"captions ({name})"
             )
             predicted_answers = evaluation.generate_texts(
-                model, llm_tokenizer, test_pixels, prompts, max_new_tokens=5, description=f"answers ({name})"
+                model, llm_processor, test_images, prompts, max_new_tokens=5, description=f"answers ({name})"
             )
-            for metric, value in evaluation.caption_scores(captions[name], references).items():
-                metrics.setdefault(f"caption {metric}", {})[name] = value
-            metrics.setdefault("VQA accuracy", {})[name] = evaluation.vqa_accuracy(predicted_answers, answers)
+            caption_scores = CaptionMetrics().compute(predictions=captions[name], references=references)
+            for metric in ("Bleu_4", "CIDEr"):
+                # The COCO toolkit reports fractions; the paper's tables (and ours) show them x100.
+                metrics.setdefault(f"caption {metric}", {})[name] = 100 * caption_scores[metric]
+            vqa = VQAAccuracy(config_name="official").compute(predictions=predicted_answers, references=answers)
+            metrics.setdefault("VQA accuracy", {})[name] = vqa["accuracy"]
 
     with timer.phase("save, reload, report"):
         model_dir = output_dir / "model"
         stage2.save_pretrained(model_dir)
-        llm_tokenizer.save_pretrained(model_dir)
-        image_processor.save_pretrained(model_dir)
+        llm_processor.save_pretrained(model_dir)
         reloaded = AutoModelForImageTextToText.from_pretrained(model_dir)
         reloaded_captions = evaluation.generate_texts(
-            reloaded, llm_tokenizer, test_pixels[:8], None, description="captions (reloaded)"
+            reloaded, llm_processor, test_images[:8], None, description="captions (reloaded)"
         )
-        if reloaded_captions != captions["trained"][:8]:
-            raise RuntimeError("the reloaded model captions differently from the model it was saved from")
+        captioner = pipeline("image-to-text", model=str(model_dir), pipeline_class=Blip2BridgeImageToTextPipeline)
+        pipeline_captions = [
+            output[0]["generated_text"].strip() for output in captioner(test_images[:8], max_new_tokens=30)
+        ]
+        for source, texts in (("AutoModelForImageTextToText", reloaded_captions), ("pipeline", pipeline_captions)):
+            if texts != captions["trained"][:8]:
+                raise RuntimeError(f"the model reloaded through {source} captions differently: {texts[:2]}")
+        print(f'reloaded through AutoModelForImageTextToText and pipeline("image-to-text"): "{pipeline_captions[0]}"')
         files = {
             "model": str(model_dir),
             "loss curves": str(draw_loss_curves(curves, output_dir / "loss_curves.png")),
