@@ -52,7 +52,7 @@ class QuickstartSettings:
     image_size: int = knob(64, "image side in pixels")
     vision_steps: int = knob(150, "image-encoder pre-training steps")
     language_steps: int = knob(80, "LLM pre-training steps")
-    stage1_steps: int = knob(300, "stage-1 steps (ITC + ITM + ITG)")
+    stage1_steps: int = knob(200, "stage-1 steps (ITC + ITM + ITG)")
     stage2_steps: int = knob(300, "stage-2 steps (the Q-Former prompts the frozen LLM)")
     batch_size: int = knob(32, "batch size of every phase")
     num_query_tokens: int = knob(8, "learned queries (32 in the paper)")
@@ -63,8 +63,8 @@ class QuickstartSettings:
 # Presets of `--size`: "small" is a one-to-two-minute run that still learns every task.
 SIZE_PRESETS = {
     "default": {},
-    "small": {"num_train": 1200, "num_test": 100, "vision_steps": 100, "language_steps": 50,
-              "stage1_steps": 120, "stage2_steps": 120},
+    "small": {"num_train": 1000, "num_test": 100, "vision_steps": 100, "language_steps": 50,
+              "stage1_steps": 100, "stage2_steps": 100},
 }
 
 
