@@ -43,7 +43,7 @@ def knob(default, help: str):
 
 @dataclass
 class QuickstartSettings:
-    """The knobs of `blip2-bridge quickstart`; the defaults finish in about five minutes on two CPU cores."""
+    """The knobs of `blip2-bridge quickstart`; the defaults are sized for a few minutes on two CPU cores."""
 
     output_dir: str = knob("blip2-quickstart", "folder for the model, results.json and the PNG files")
     seed: int = knob(0, "seed of the scenes, every initialisation and every batch order")
