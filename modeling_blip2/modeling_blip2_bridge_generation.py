@@ -82,6 +82,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
     """
 
     config: Blip2BridgeConfig
+    # transformers' BLIP-2 checkpoints hold no vision `post_layernorm` of ours: theirs becomes our `vision_layernorm`,
+    # and the Q-Former never reads the vision tower's own final norm. Not a weight to report as missing.
+    _keys_to_ignore_on_load_missing = [r"^vision_model\.post_layernorm\."]
     hub_auto_classes = ("AutoModelForImageTextToText",)
     hub_custom_pipelines = {"image-to-text": IMAGE_TO_TEXT_PIPELINE}
 
