@@ -48,10 +48,10 @@ class QuickstartSettings:
     num_train: int = knob(3000, "training scenes")
     num_test: int = knob(200, "held-out scenes (distinct layouts, none seen in training)")
     image_size: int = knob(64, "image side in pixels")
-    vision_steps: int = knob(150, "image-encoder pre-training steps")
-    language_steps: int = knob(80, "LLM pre-training steps")
-    stage1_steps: int = knob(200, "stage-1 steps (ITC + ITM + ITG)")
-    stage2_steps: int = knob(300, "stage-2 steps (the Q-Former prompts the frozen LLM)")
+    vision_steps: int = knob(300, "image-encoder pre-training steps")
+    language_steps: int = knob(150, "LLM pre-training steps")
+    stage1_steps: int = knob(500, "stage-1 steps (ITC + ITM + ITG)")
+    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM)")
     batch_size: int = knob(32, "batch size of every phase")
     num_query_tokens: int = knob(8, "learned queries (32 in the paper)")
     qformer_hidden_size: int = knob(128, "Q-Former width (768 in the paper)")
@@ -63,8 +63,8 @@ class QuickstartSettings:
 # Presets of `--size`: "small" is a one-to-two-minute run that still learns every task.
 SIZE_PRESETS = {
     "default": {},
-    "small": {"num_train": 1000, "num_test": 100, "vision_steps": 100, "language_steps": 50,
-              "stage1_steps": 100, "stage2_steps": 100},
+    "small": {"num_train": 1000, "num_test": 100, "vision_steps": 200, "language_steps": 100,
+              "stage1_steps": 200, "stage2_steps": 300},
 }
 
 
@@ -184,8 +184,10 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
     with timer.phase("stage 2: Q-Former -> frozen LLM"):
         torch.manual_seed(settings.seed)
         stage2 = build_stage2_model(stage1, language_model, llm_tokenizer)
-        # Captions (no prompt, as BLIP-2's stage 2) and answers to the VQA prompt, in one instruction-style set.
-        stage2_data = [
+        # Captions (no prompt, as BLIP-2's stage 2) and answers to the VQA prompt, in one instruction-style set. Each
+        # caption appears as often as its scene's questions together: with one caption per five answers, stage 2 left
+        # the LLM's prior in place, which starts most texts with "Question:" when given no prompt.
+        stage2_data = len(QUESTION_TYPES) * [
             {"image_index": index, "prompt": "", "response": scene.caption} for index, scene in enumerate(train_scenes)
         ] + [
             {"image_index": index, "prompt": VQA_PROMPT.format(question), "response": answer}
