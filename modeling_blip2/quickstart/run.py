@@ -60,6 +60,9 @@ class QuickstartSettings:
                         "slows a multi-threaded run many times over")
 
 
+# How often stage 2 sees each caption; it sees each of the scene's five questions once.
+CAPTION_REPEATS = 2
+
 # Presets of `--size`: "small" is a one-to-two-minute run that still learns every task.
 SIZE_PRESETS = {
     "default": {},
@@ -113,11 +116,10 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         test_images = [scene.draw(settings.image_size) for scene in test_scenes]
         test_pixels = image_processor(test_images)["pixel_values"]
         train_captions = [scene.caption for scene in train_scenes]
-        train_questions = [pair for scene in train_scenes for pair in scene.questions]
         print(f"{len(train_scenes)} training and {len(test_scenes)} held-out scenes of {settings.image_size}px")
 
     with timer.phase("tokenizers"):
-        texts = language_texts(train_captions, train_questions)
+        texts = language_texts(train_captions, [pair for scene in train_scenes for pair in scene.questions])
         qformer_tokenizer = train_qformer_tokenizer(texts)
         llm_tokenizer = train_llm_tokenizer(texts)
         print(f"Q-Former WordPiece: {len(qformer_tokenizer)} tokens; LLM byte-level BPE: {len(llm_tokenizer)} tokens")
@@ -185,9 +187,9 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         torch.manual_seed(settings.seed)
         stage2 = build_stage2_model(stage1, language_model, llm_tokenizer)
         # Captions (no prompt, as BLIP-2's stage 2) and answers to the VQA prompt, in one instruction-style set. Each
-        # caption appears as often as its scene's questions together: with one caption per five answers, stage 2 left
-        # the LLM's prior in place, which starts most texts with "Question:" when given no prompt.
-        stage2_data = len(QUESTION_TYPES) * [
+        # caption appears twice: with one caption per five answers, stage 2 could leave the LLM's prior in place, which
+        # starts most texts with "Question:" when given no prompt.
+        stage2_data = CAPTION_REPEATS * [
             {"image_index": index, "prompt": "", "response": scene.caption} for index, scene in enumerate(train_scenes)
         ] + [
             {"image_index": index, "prompt": VQA_PROMPT.format(question), "response": answer}
