@@ -63,7 +63,7 @@ class QuickstartSettings:
 # How often stage 2 sees each caption; it sees each of the scene's five questions once.
 CAPTION_REPEATS = 2
 
-# Presets of `--size`: "small" is a one-to-two-minute run that still learns every task.
+# Presets of `--size`: "small" is a run of under two minutes that still learns retrieval and captioning.
 SIZE_PRESETS = {
     "default": {},
     "small": {"num_train": 1000, "num_test": 100, "vision_steps": 200, "language_steps": 100,
