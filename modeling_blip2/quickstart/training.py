@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from transformers import ProgressCallback, Trainer, TrainingArguments
 
 
@@ -46,3 +47,21 @@ def trainer_losses(log_history: list[dict]) -> dict[str, list[tuple[int, float]]
             if name.startswith("loss") and "step" in entry:
                 curves.setdefault(name, []).append((entry["step"], float(value)))
     return curves
+
+
+class PrecomputedImageCollator:
+    """A library collator's text encoding, with each sample's image as precomputed `image_embeds`.
+
+    The image encoder is frozen, in eval mode and sees no augmentation here, so its features are the same in every
+    step: computing them once instead of once per step and per epoch saves most of a CPU run. Samples carry an
+    `image_index` into `image_embeds` (the features after the vision LayerNorm, `get_image_embeds`).
+    """
+
+    def __init__(self, collator, image_embeds: torch.Tensor):
+        self.collator = collator
+        self.image_embeds = image_embeds
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collator.encode([self.collator.prepare_text(sample) for sample in samples]))
+        batch["image_embeds"] = self.image_embeds[[sample["image_index"] for sample in samples]]
+        return batch
