@@ -5,6 +5,7 @@ pre-trained on the texts (then frozen) -> stage 1 (ITC + ITM + ITG) -> stage 2 (
 evaluation on held-out scenes next to the untrained model -> save, reload, report.
 """
 
+import copy
 import json
 import time
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForImageTextToText,
     BertConfig,
@@ -62,6 +64,12 @@ class QuickstartSettings:
 
 # How often stage 2 sees each caption; it sees each of the scene's five questions once.
 CAPTION_REPEATS = 2
+
+# LoRA on the frozen LLM in stage 2: every projection of its attention and MLP. A 2-layer LLM of width 128 cannot
+# learn to read soft prompts it never saw in pre-training (it answers from the question's wording alone); the paper's
+# frozen LLMs are billions of parameters. The base weights stay frozen; the adapters are merged before saving.
+LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_RANK = 8
 
 # Presets of `--size`: "small" is a run of under two minutes that still learns retrieval and captioning.
 SIZE_PRESETS = {
@@ -185,7 +193,15 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
 
     with timer.phase("stage 2: Q-Former -> frozen LLM"):
         torch.manual_seed(settings.seed)
-        stage2 = build_stage2_model(stage1, language_model, llm_tokenizer)
+        # A copy of the LLM: the adapters merged into it must not reach the untrained baseline's LLM.
+        stage2 = build_stage2_model(stage1, copy.deepcopy(language_model), llm_tokenizer)
+        lora_model = get_peft_model(
+            stage2, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        )
+        # get_peft_model freezes every base weight, the bridge's too.
+        for part in (stage2.qformer, stage2.language_projection):
+            part.requires_grad_(True)
+        stage2.query_tokens.requires_grad_(True)
         # Captions (no prompt, as BLIP-2's stage 2) and answers to the VQA prompt, in one instruction-style set. Each
         # caption appears twice: with one caption per five answers, stage 2 could leave the LLM's prior in place, which
         # starts most texts with "Question:" when given no prompt.
@@ -197,7 +213,7 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
             for question, answer in scene.questions
         ]
         trainer = Blip2BridgeTrainer(
-            model=stage2,
+            model=lora_model,
             args=trainer_arguments(output_dir / "stage2", settings.stage2_steps, settings.batch_size, 1e-3, settings.seed),
             train_dataset=stage2_data,
             data_collator=PrecomputedImageCollator(
@@ -206,6 +222,7 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         )
         train_with_progress_bar(trainer)
         curves["stage 2"] = trainer_losses(trainer.state.log_history)
+        stage2 = lora_model.merge_and_unload().eval()
 
     with timer.phase("evaluation on held-out scenes"):
         questions = [scene.questions[index % len(QUESTION_TYPES)] for index, scene in enumerate(test_scenes)]
