@@ -107,13 +107,13 @@ def test_quickstart_small_run_beats_the_untrained_model_and_reloads(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     metrics = results["metrics"]
     # Gains (in points) well clear of noise: about half of what a run of the preset measures (seed 0: R@1 +13 to +20,
-    # R@5 +50 or more, Bleu_4 +10 or more, CIDEr +70 or more), so that another CPU's last-bit differences cannot flip them.
+    # R@5 +50 or more, Bleu_4 +10 or more, CIDEr +70 or more, VQA +13), so that another CPU's last-bit differences
+    # cannot flip them.
     minimum_gains = {
         "retrieval txt_r1": 5, "retrieval img_r1": 5, "retrieval txt_r5": 20, "retrieval img_r5": 20,
-        "caption Bleu_4": 4, "caption CIDEr": 30,
+        "caption Bleu_4": 4, "caption CIDEr": 30, "VQA accuracy": 6,
     }
-    # VQA accuracy is reported but not yet learned: the frozen 2-layer LLM answers from the question's wording.
-    assert set(metrics) == {*minimum_gains, "VQA accuracy"}
+    assert set(metrics) == set(minimum_gains)
     for name, gain in minimum_gains.items():
         assert metrics[name]["trained"] >= metrics[name]["untrained"] + gain, (name, metrics[name])
     assert set(results["timings"]) >= {"stage 1: ITC + ITM + ITG", "stage 2: Q-Former -> frozen LLM"}
