@@ -1,4 +1,4 @@
-"""A tiny Llama pre-trained briefly on the corpus's captions and question/answer texts: the frozen LLM of stage 2.
+"""A tiny Llama pre-trained briefly on the corpus's captions and question/answer texts: the frozen LLM of stage 2 (LoRA adapters on it train there).
 
 Llama's rotary positions are relative, so the texts it learns at position 0 read the same after the image
 prefix that stage 2 puts in front of them.

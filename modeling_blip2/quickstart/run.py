@@ -53,7 +53,7 @@ class QuickstartSettings:
     vision_steps: int = knob(300, "image-encoder pre-training steps")
     language_steps: int = knob(150, "LLM pre-training steps")
     stage1_steps: int = knob(500, "stage-1 steps (ITC + ITM + ITG)")
-    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM)")
+    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM, which carries LoRA adapters)")
     batch_size: int = knob(32, "batch size of every phase")
     num_query_tokens: int = knob(8, "learned queries (32 in the paper)")
     qformer_hidden_size: int = knob(128, "Q-Former width (768 in the paper)")
