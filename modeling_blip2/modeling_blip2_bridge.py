@@ -136,9 +136,14 @@ class Blip2BridgeVisionMixin:
 
     def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False, image_key_values=None):
         """Runs the learned queries over the image; returns the Q-Former output (with the queries' cache if asked)."""
-        query_embeds = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        # Every image starts from the same learned queries: the first self-attention runs once for all of them.
+        first_row = torch.zeros(image_embeds.shape[0], dtype=torch.long, device=image_embeds.device)
         return self.qformer(
-            query_embeds=query_embeds, image_embeds=image_embeds, image_key_values=image_key_values, use_cache=use_cache
+            query_embeds=self.query_tokens,
+            image_embeds=image_embeds,
+            image_key_values=image_key_values,
+            use_cache=use_cache,
+            input_index=first_row,
         )
 
 
@@ -224,19 +229,28 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         return self._itm_logits(image_embeds, input_ids, attention_mask, image_index)
 
     def _itm_logits(
-        self, image_embeds, input_ids, attention_mask, image_index=None, image_key_values=None, text_embeds=None
+        self,
+        image_embeds,
+        input_ids,
+        attention_mask,
+        image_index=None,
+        image_key_values=None,
+        text_embeds=None,
+        text_index=None,
     ) -> torch.Tensor:
-        num_pairs = input_ids.shape[0] if input_ids is not None else text_embeds.shape[0]
-        query_embeds = self.query_tokens.expand(num_pairs, -1, -1)
+        """text_index: pair p reads text `text_index[p]` (default text p); a text paired with several images then
+        goes through the first self-attention once."""
+        num_texts = input_ids.shape[0] if input_ids is not None else text_embeds.shape[0]
         output = self.qformer(
             input_ids=input_ids,
             inputs_embeds=text_embeds,
             attention_mask=attention_mask,
-            query_embeds=query_embeds,
+            query_embeds=self.query_tokens.expand(num_texts, -1, -1),
             image_embeds=image_embeds,
             image_index=image_index,
             image_key_values=image_key_values,
-            output_rows=query_embeds.shape[1],
+            output_rows=self.query_tokens.shape[1],
+            input_index=text_index,
         ).last_hidden_state
         # The original averages the 2-way head over the query positions only.
         return self.itm_head(output).mean(dim=1)
@@ -330,23 +344,25 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         # ---- ITM: a hard negative image for each text (drawn first), then a hard negative text for each image ----
         negative_image_index = sample_hard_negatives(sim_t2i, positive_mask)
         negative_text_index = sample_hard_negatives(sim_i2t, positive_mask)
-        input_ids_all, attention_mask_all = gather_text_across_processes(
-            input_ids, attention_mask, self.config.qformer_config.pad_token_id
-        )
-        if world_size == 1:
-            negative_text_embeds = text_embeds[negative_text_index]
-        else:
-            negative_text_embeds = self.qformer.word_embeddings(input_ids_all[negative_text_index])
-        # Gathered texts are padded to the longest process; extra padding is masked and changes no output.
-        text_length = input_ids_all.shape[1]
-        local_text_embeds = F.pad(text_embeds, (0, 0, 0, text_length - text_embeds.shape[1]))
-        local_attention_mask = pad_to_length(attention_mask, text_length, 0)
-        # Text rows: [positives; positives; negative texts] are paired with images [positives; negatives; positives].
-        itm_text_embeds = torch.cat([local_text_embeds, local_text_embeds, negative_text_embeds])
-        itm_attention_mask = torch.cat(
-            [local_attention_mask, local_attention_mask, attention_mask_all[negative_text_index]]
-        )
         positives = torch.arange(batch_size, device=image_embeds.device)
+        # Pairs: texts [positives; positives; negative texts] with images [positives; negatives; positives]. Each
+        # distinct text enters the Q-Former once (`text_index`).
+        if world_size == 1:
+            itm_text_embeds, itm_attention_mask = text_embeds, attention_mask
+            itm_text_index = torch.cat([positives, positives, negative_text_index])
+        else:
+            input_ids_all, attention_mask_all = gather_text_across_processes(
+                input_ids, attention_mask, self.config.qformer_config.pad_token_id
+            )
+            negative_text_embeds = self.qformer.word_embeddings(input_ids_all[negative_text_index])
+            # Gathered texts are padded to the longest process; extra padding is masked and changes no output.
+            text_length = input_ids_all.shape[1]
+            itm_text_embeds = torch.cat([F.pad(text_embeds, (0, 0, 0, text_length - text_embeds.shape[1])),
+                                         negative_text_embeds])
+            itm_attention_mask = torch.cat(
+                [pad_to_length(attention_mask, text_length, 0), attention_mask_all[negative_text_index]]
+            )
+            itm_text_index = torch.cat([positives, positives, positives + batch_size])
         if world_size == 1:
             itm_key_values, negatives = image_key_values, negative_image_index
         else:
@@ -365,6 +381,7 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             torch.cat([positives, negatives, positives]),
             itm_key_values,
             text_embeds=itm_text_embeds,
+            text_index=itm_text_index,
         )
         loss_itm = image_text_matching_loss(itm_logits, num_positives=batch_size)
 

@@ -87,7 +87,9 @@ class Blip2BridgeQFormerAttention(nn.Module):
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._split_heads(self.key(states)), self._split_heads(self.value(states))
+        """(batch, length, hidden_size) keys and values; heads are split where they are used, after any gather
+        of images by `image_index`: gathering whole contiguous rows costs half as much, backward included."""
+        return self.key(states), self.value(states)
 
     def forward(
         self,
@@ -115,6 +117,7 @@ class Blip2BridgeQFormerAttention(nn.Module):
             key, value = image_key_value
             if image_index is not None:
                 key, value = key.index_select(0, image_index), value.index_select(0, image_index)
+        key, value = self._split_heads(key), self._split_heads(value)
         new_key_value = (key, value)
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
@@ -183,7 +186,11 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         image_index: torch.Tensor | None = None,
         text_token_index: torch.Tensor | None = None,
         num_output_rows: int | None = None,
+        input_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """input_index: the rows of `hidden_states` are distinct inputs, and output row r continues input row
+        `input_index[r]`: self-attention and the text feed-forward run once per input, the rows fan out before
+        the queries meet their images."""
         # Tensors come positionally so that gradient checkpointing sees them; the layer only reads the cache and
         # returns its new key/value, so a recomputation in backward cannot write it twice.
         attention_output, new_key_value = self.attention(
@@ -195,13 +202,19 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
             return self.text_feed_forward(attention_output, text_token_index), new_key_value
 
         query_states = attention_output[:, :query_length]
+        text_output = None
+        if attention_output.shape[1] > query_length:
+            text_output = self.text_feed_forward(attention_output[:, query_length:], text_token_index)
+        if input_index is not None:
+            query_states = query_states.index_select(0, input_index)
+            text_output = None if text_output is None else text_output.index_select(0, input_index)
+            new_key_value = tuple(states.index_select(0, input_index) for states in new_key_value)
         if self.has_cross_attention:
             if image_key_value is None:
                 raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
             query_states, _ = self.crossattention(query_states, image_key_value=image_key_value, image_index=image_index)
         layer_output = self.query_feed_forward(query_states)
-        if attention_output.shape[1] > query_length:
-            text_output = self.text_feed_forward(attention_output[:, query_length:], text_token_index)
+        if text_output is not None:
             layer_output = torch.cat([layer_output, text_output], dim=1)
         return layer_output, new_key_value
 
@@ -308,6 +321,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         position_ids: torch.LongTensor | None = None,
+        input_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> Blip2BridgeQFormerOutput:
         r"""
@@ -324,6 +338,10 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
         past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
+        input_index: (batch,) output row r starts from row `input_index[r]` of the text and queries, which then hold
+            distinct inputs only (ITM pairs each caption with two images; every row of a query pass starts from the
+            same learned queries). Such rows stay identical until their queries meet their images, so the first
+            layer's self-attention runs once per distinct input. `image_index` and the output have `batch` rows.
         """
         if input_ids is not None:
             if not self.config.use_text_input:
@@ -333,32 +351,28 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
         hidden_states = self.embed(inputs_embeds, query_embeds, position_ids)
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
-        batch_size, num_rows = hidden_states.shape[:2]
+        num_rows = hidden_states.shape[1]
         past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
         num_keys = past_length + num_rows
+        if input_index is not None and (query_length == 0 or past_length > 0):
+            raise ValueError("input_index needs query_embeds and no past_key_values: rows fan out at the first "
+                             "cross-attention, which only queries have")
 
-        key_padding_mask = None
-        if attention_mask is not None:
-            text_length = attention_mask.shape[1]
-            if text_length > num_keys:
-                raise ValueError(f"attention_mask covers {text_length} text tokens but only {num_keys} positions exist")
-            key_padding_mask = torch.cat(
-                [attention_mask.new_ones(batch_size, num_keys - text_length), attention_mask], dim=1
-            )
-        mask = qformer_attention_mask(
-            key_padding_mask, num_rows, num_keys, query_length, is_causal, hidden_states.dtype
-        )
         if past_key_values is None and use_cache:
             past_key_values = DynamicCache()
         if image_key_values is None and image_embeds is not None and query_length > 0:
             image_key_values = self.project_image(image_embeds)
-        text_token_index = None
-        if attention_mask is not None and inputs_embeds is not None:
-            # The text feed-forward blocks skip padding: the bulk of a padded caption batch's compute.
-            text_length = inputs_embeds.shape[1]
-            text_token_index = attention_mask[:, -text_length:].reshape(-1).nonzero().squeeze(1)
-            if text_token_index.numel() == attention_mask.shape[0] * text_length:
-                text_token_index = None  # no padding: gathering would only cost
+        text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+        mask = self._self_attention_mask(
+            attention_mask, num_rows, num_keys, query_length, is_causal, hidden_states.dtype
+        )
+        text_token_index = self._text_token_index(attention_mask, text_length)
+        if input_index is not None:
+            # From the second layer on, every row carries its own copy of its input.
+            fanned_out_mask = None if mask is None or mask.shape[0] == 1 else mask.index_select(0, input_index)
+            fanned_out_token_index = None
+            if attention_mask is not None:
+                fanned_out_token_index = self._text_token_index(attention_mask.index_select(0, input_index), text_length)
 
         for layer_idx, layer in enumerate(self.layer):
             past_key_value = None
@@ -373,10 +387,39 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                 image_index=image_index,
                 text_token_index=text_token_index,
                 num_output_rows=output_rows if layer_idx == len(self.layer) - 1 else None,
+                input_index=input_index,
             )
+            if input_index is not None:
+                mask, text_token_index, input_index = fanned_out_mask, fanned_out_token_index, None
             if use_cache:
                 past_key_values.update(*new_key_value, layer_idx)
 
         return Blip2BridgeQFormerOutput(
             last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
         )
+
+    @staticmethod
+    def _self_attention_mask(attention_mask, num_rows: int, num_keys: int, query_length: int, is_causal: bool, dtype):
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape[1] > num_keys:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} text tokens but only {num_keys} positions exist"
+                )
+            key_padding_mask = torch.cat(
+                [attention_mask.new_ones(attention_mask.shape[0], num_keys - attention_mask.shape[1]), attention_mask],
+                dim=1,
+            )
+        return qformer_attention_mask(key_padding_mask, num_rows, num_keys, query_length, is_causal, dtype)
+
+    @staticmethod
+    def _text_token_index(attention_mask, text_length: int) -> torch.Tensor | None:
+        """Flat indices of the real text tokens, which the feed-forward blocks compute; None: all of them.
+
+        Skipping padding there saves the bulk of a padded caption batch's compute."""
+        if attention_mask is None or text_length == 0:
+            return None
+        text_token_index = attention_mask[:, -text_length:].reshape(-1).nonzero().squeeze(1)
+        if text_token_index.numel() == attention_mask.shape[0] * text_length:
+            return None  # no padding: gathering would only cost
+        return text_token_index
