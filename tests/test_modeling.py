@@ -182,6 +182,57 @@ def test_cross_attention_only_every_cross_attention_frequency_layers():
     assert [hasattr(layer, "crossattention") for layer in model.qformer.layer] == [True, False, True, False]
 
 
+def test_rows_fanned_out_from_shared_inputs_equal_rows_given_one_by_one():
+    # ITM pairs each caption with two images: the first layer's self-attention runs once per distinct text, and the
+    # outputs and gradients must equal those of every row given in full.
+    model = tiny_model().train()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=3)
+    image_embeds = model.get_image_embeds(pixel_values).detach()
+    input_index = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])
+    image_index = torch.tensor([0, 1, 2, 2, 0, 1, 0, 1])
+    outputs, gradients = [], []
+    for fanned_out in (True, False):
+        model.zero_grad()
+        rows = slice(None) if fanned_out else input_index
+        output = model.qformer(
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
+            query_embeds=model.query_tokens.expand(input_ids[rows].shape[0], -1, -1),
+            image_embeds=image_embeds,
+            image_index=image_index,
+            input_index=input_index if fanned_out else None,
+        ).last_hidden_state
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        outputs.append(output.detach())
+        gradients.append([model.query_tokens.grad.clone(), model.qformer.layer[0].attention.query.weight.grad.clone(),
+                          model.qformer.layer[0].text_feed_forward.output.weight.grad.clone()])
+    assert outputs[0].shape == (8, 4 + input_ids.shape[1], 32)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for fanned_out, one_by_one in zip(*gradients):
+        torch.testing.assert_close(fanned_out, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_query_pass_runs_the_first_layer_once_and_caches_every_image():
+    model = tiny_model().eval()
+    pixel_values, _, _ = tiny_batch(batch_size=3)
+    image_embeds = model.get_image_embeds(pixel_values)
+    with torch.no_grad():
+        shared = model.get_query_output(image_embeds, use_cache=True)
+        separate = model.qformer(query_embeds=query_embeds_for(model, 3), image_embeds=image_embeds, use_cache=True)
+    torch.testing.assert_close(shared.last_hidden_state, separate.last_hidden_state, atol=1e-6, rtol=1e-6)
+    for shared_layer, separate_layer in zip(shared.past_key_values.layers, separate.past_key_values.layers):
+        assert shared_layer.keys.shape == separate_layer.keys.shape == (3, 4, 4, 8)
+        torch.testing.assert_close(shared_layer.keys, separate_layer.keys, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(shared_layer.values, separate_layer.values, atol=1e-6, rtol=1e-6)
+
+
+def test_input_index_without_queries_is_refused():
+    model = tiny_model().eval()
+    _, input_ids, attention_mask = tiny_batch()
+    with pytest.raises(ValueError, match="input_index needs query_embeds"):
+        model.qformer(input_ids=input_ids, attention_mask=attention_mask, input_index=torch.tensor([0, 0]))
+
+
 # ---- gradients -----------------------------------------------------------------------------------------------------
 
 
