@@ -342,6 +342,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             distinct inputs only (ITM pairs each caption with two images; every row of a query pass starts from the
             same learned queries). Such rows stay identical until their queries meet their images, so the first
             layer's self-attention runs once per distinct input. `image_index` and the output have `batch` rows.
+            While dropout is active every row gets its own copy of its input (and its own dropout masks) instead.
         """
         if input_ids is not None:
             if not self.config.use_text_input:
@@ -349,14 +350,23 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None and query_embeds is None:
             raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
+        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if input_index is not None:
+            if query_embeds is None or past_length > 0:
+                raise ValueError("input_index needs query_embeds and no past_key_values: rows fan out at the first "
+                                 "cross-attention, which only queries have")
+            if self.training and (self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0):
+                # Dropout draws its masks per row, as the original does: rows share the first layer only where it
+                # is deterministic.
+                query_embeds, inputs_embeds, attention_mask = (
+                    None if tensor is None else tensor.index_select(0, input_index)
+                    for tensor in (query_embeds, inputs_embeds, attention_mask)
+                )
+                input_index = None
         hidden_states = self.embed(inputs_embeds, query_embeds, position_ids)
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         num_rows = hidden_states.shape[1]
-        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
         num_keys = past_length + num_rows
-        if input_index is not None and (query_length == 0 or past_length > 0):
-            raise ValueError("input_index needs query_embeds and no past_key_values: rows fan out at the first "
-                             "cross-attention, which only queries have")
 
         if past_key_values is None and use_cache:
             past_key_values = DynamicCache()

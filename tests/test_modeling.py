@@ -226,6 +226,32 @@ def test_query_pass_runs_the_first_layer_once_and_caches_every_image():
         torch.testing.assert_close(shared_layer.values, separate_layer.values, atol=1e-6, rtol=1e-6)
 
 
+def test_rows_share_the_first_layer_only_while_it_is_deterministic():
+    # Dropout draws its masks per row (as the original): in training with dropout, each row gets its own copy.
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=1)
+    rows_seen = {}
+    for dropout, training in ((0.5, True), (0.5, False), (0.0, True)):
+        model = tiny_model(qformer_config=dict(tiny_model().config.qformer_config.to_dict(), hidden_dropout_prob=dropout))
+        model.train(training)
+        first_attention = model.qformer.layer[0].attention
+        first_attention.register_forward_hook(lambda module, args, output: rows_seen.update(rows=args[0].shape[0]))
+        with torch.no_grad():
+            output = model.qformer(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                query_embeds=model.query_tokens,
+                image_embeds=model.get_image_embeds(pixel_values),
+                image_index=torch.tensor([0, 0, 0]),
+                input_index=torch.tensor([0, 0, 0]),
+            ).last_hidden_state
+        assert output.shape[0] == 3
+        assert rows_seen["rows"] == (3 if dropout and training else 1), (dropout, training)
+        if dropout and training:
+            assert (output[0] - output[1]).abs().max() > 0.1
+        else:
+            assert torch.equal(output[0], output[1])
+
+
 def test_input_index_without_queries_is_refused():
     model = tiny_model().eval()
     _, input_ids, attention_mask = tiny_batch()
