@@ -73,7 +73,7 @@ def test_optimizer_holds_exactly_the_trainable_parameters_grouped_by_the_origina
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert frozen > 0 and not in_optimizer & {id(p) for p in model.parameters() if not p.requires_grad}
 
-    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
     decay_group, no_decay_group = optimizer.param_groups
     assert (decay_group["weight_decay"], no_decay_group["weight_decay"]) == (0.05, 0.0)
     assert decay_group["betas"] == (0.9, 0.999) and decay_group["lr"] == 1e-4
