@@ -2,6 +2,8 @@
 question/image, metrics equal to the metric computed on those predictions, resumable shards."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +277,20 @@ def test_resuming_with_other_arguments_is_refused(stage2_dir, data_dir, tmp_path
     assert main(arguments) == 1
     error = capsys.readouterr().err
     assert "other arguments" in error and "limit" in error and "model" in error
+
+
+def test_resuming_after_the_model_folder_changed_is_refused(stage2_dir, data_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(stage2_dir, model_dir)
+    arguments = ["evaluate", "--task", "vqav2", "--model", str(model_dir), "--data-dir", str(data_dir),
+                 "--output", str(tmp_path / "run"), "--limit", "1", "--num-beams", "1"]
+    assert main(arguments) == 0
+    assert main(arguments) == 0  # unchanged: the finished shards are reused
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
+    capsys.readouterr()
+    assert main(arguments) == 1
+    assert "model_files" in capsys.readouterr().err
 
 
 def test_layouts_are_read_as_documented(data_dir):

@@ -92,7 +92,8 @@ def evaluate(
     if limit is not None:
         data = limit_task_data(data, limit)
     run_arguments = dict(task=task, model=str(model_dir), data_dir=str(data_dir), limit=limit, shard_size=shard_size,
-                         k=k if task in RETRIEVAL_TASKS else None, generation=generation, dtype=dtype)
+                         k=k if task in RETRIEVAL_TASKS else None, generation=generation, dtype=dtype,
+                         model_files=model_files(model_dir))
     check_resumable(output_dir, run_arguments, accelerator)
 
     model, processor = load_model_and_processor(task, model_dir, dtype, accelerator.device)
@@ -136,6 +137,19 @@ def limit_task_data(data: TaskData, limit: int) -> TaskData:
         texts.extend(data.texts[i] for i in sample["text_ids"])
         kept.append({**sample, "text_ids": text_ids})
     return TaskData(kept, texts)
+
+
+def model_files(model_dir) -> list[list] | None:
+    """[name, bytes, modification time in ns] of a local model folder's weights and configs, so that shards computed
+    with other weights are not reused after the folder was retrained or replaced (as make, by size and time)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return None  # a Hub id: its revision is part of the name
+    return [
+        [path.name, path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".json")
+    ]
 
 
 def check_resumable(output_dir: Path, run_arguments: dict, accelerator: Accelerator) -> None:
