@@ -21,23 +21,22 @@ CAPTIONS = [
 
 def make_bert_tokenizer(tmp_dir=None, extra_texts=()) -> BertTokenizer:
     """
-    A bert-base-uncased look-alike with a WordPiece vocabulary of a few hundred tokens trained on `CAPTIONS` and
-    `extra_texts`: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, every text encoded as [CLS] ... [SEP], and [DEC] added
-    last as the bos token, as BLIP-2 adds it to the Q-Former's tokenizer for image-grounded generation. With `tmp_dir`
-    it is saved there and loaded back through `AutoTokenizer`, as a user's checkpoint would be.
+    A bert-base-uncased look-alike whose WordPiece vocabulary is learned from `CAPTIONS` and `extra_texts`: [PAD]=0,
+    [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then every word of the texts (BERT-normalised and pre-tokenised), then every
+    lower-case letter, digit and punctuation mark alone and as a word piece, so that any English text encodes without
+    [UNK] (unseen words one character at a time). Every text is encoded as [CLS] ... [SEP], and [DEC] is added last as
+    the bos token, as BLIP-2 adds it to the Q-Former's tokenizer for image-grounded generation. The same texts always
+    give the same ids (tokenizers' WordPieceTrainer breaks ties between equally frequent merges at random). With
+    `tmp_dir` it is saved there and loaded back through `AutoTokenizer`, as a user's checkpoint would be.
     """
-    trainer_tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    trainer_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False)
-    trainer_tokenizer.train_from_iterator([*CAPTIONS, *extra_texts], trainer=trainer)
-
-    # Every lower-case letter, digit and punctuation mark, alone and as a word piece, so that any English text
-    # encodes without [UNK], if need be one character at a time.
-    vocab = trainer_tokenizer.get_vocab()
-    for character in string.ascii_lowercase + string.digits + string.punctuation:
-        for piece in (character, f"##{character}"):
-            vocab.setdefault(piece, len(vocab))
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = {
+        word for text in (*CAPTIONS, *extra_texts) for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    }
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [*BERT_SPECIAL_TOKENS, *sorted(words - set(characters)), *characters, *(f"##{c}" for c in characters)]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
 
     # BertTokenizer builds BERT's normaliser, pre-tokeniser and [CLS]/[SEP] template around the vocabulary.
     tokenizer = BertTokenizer(vocab=vocab)
