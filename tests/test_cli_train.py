@@ -190,6 +190,44 @@ def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_stage2_training_from_a_stage1_model_and_a_language_model(tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    from modeling_blip2 import Blip2BridgeForConditionalGeneration
+    from tests.helpers import make_llm_tokenizer
+    from tests.test_stage2_builder import tiny_llm
+
+    stage1_dir, llm_dir, output_dir = tmp_path / "stage1", tmp_path / "llm", tmp_path / "trained"
+    stage1 = write_tiny_model(stage1_dir)
+    language_model = tiny_llm("opt")
+    language_model.save_pretrained(llm_dir)
+    make_llm_tokenizer("opt").save_pretrained(llm_dir)  # without "<image>": the builder adds it
+    annotation_file = write_coco_folder(tmp_path / "coco")
+
+    arguments = ["train", "--stage", "2", "--model_name_or_path", str(stage1_dir), "--language_model_name_or_path",
+                 str(llm_dir), "--annotation_files", str(annotation_file), "--image_root",
+                 str(tmp_path / "coco" / "images"), "--output_dir", str(output_dir), "--per_device_train_batch_size",
+                 "4", "--max_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no", "--use_cpu",
+                 "--report_to", "none"]
+    assert main(arguments) == 0
+    summary = json.loads((output_dir / "train_summary.json").read_text())
+    assert (summary["stage"], summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 2, 7, 1)
+
+    trained = Blip2BridgeForConditionalGeneration.from_pretrained(output_dir)
+    processor = AutoProcessor.from_pretrained(output_dir)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == trained.config.image_token_id
+    assert trained.config.num_query_tokens == stage1.config.num_query_tokens
+    weights, stage1_weights = trained.state_dict(), stage1.state_dict()
+    # The frozen parts are the stage-1 vision side and the LLM as saved; the queries moved.
+    assert torch.equal(weights["vision_model.embeddings.patch_embedding.weight"],
+                       stage1_weights["vision_model.embeddings.patch_embedding.weight"])
+    llm_weights = language_model.state_dict()
+    llm_names = [name for name in llm_weights if "embed_tokens" not in name and "lm_head" not in name]
+    assert llm_names and all(torch.equal(weights[f"language_model.{name}"], llm_weights[name]) for name in llm_names)
+    assert not torch.equal(weights["query_tokens"], stage1_weights["query_tokens"])
+
+
+@pytest.mark.slow
 def test_stage1_training_streams_webdataset_shards(tmp_path, capsys):
     from tests.test_data_datasets import write_shards
 

@@ -179,14 +179,8 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         model = Blip2BridgeForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
     else:
-        build_stage2_model = getattr(builders, "build_stage2_model", None)
-        if build_stage2_model is None:
-            raise ValueError(
-                "building a stage-2 model from a stage-1 model and an LLM needs modeling_blip2.builders."
-                "build_stage2_model, which this version does not have; pass a stage-2 model as --model_name_or_path"
-            )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.language_model_name_or_path)
-        model = build_stage2_model(
+        model = builders.build_stage2_model(
             model_args.model_name_or_path, model_args.language_model_name_or_path, tokenizer=tokenizer
         )
     if tokenizer.pad_token is None:
@@ -264,7 +258,8 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
         image_transform=augmentation,
         skipped=skipped,
     )
-    return collator, tokenizer
+    # Saved with the model, so that AutoProcessor and the pipelines read the trained folder as they read any other.
+    return collator, Blip2BridgeProcessor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens)
 
 
 def make_trainer(model, training_args, train_dataset, data_collator, processing_class) -> Blip2BridgeTrainer:
