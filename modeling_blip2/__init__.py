@@ -9,7 +9,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .builders import build_stage1_model
+from .builders import build_stage1_model, build_stage2_model
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel, Blip2BridgeModelOutput
 from .modeling_blip2_bridge_generation import (
@@ -66,4 +66,5 @@ __all__ = [
     "RetrievalRecall",
     "VQAAccuracy",
     "build_stage1_model",
+    "build_stage2_model",
 ]
