@@ -81,7 +81,7 @@ class Blip2BridgeConfig(PreTrainedConfig):
     model_type = "blip2_bridge"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="blip_2_vision_model"),
-        "qformer_config": Blip2BridgeQFormerConfig,
+        "qformer_config": SubConfigSpec(config_class=Blip2BridgeQFormerConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt", optional=True),
     }
 

@@ -24,6 +24,7 @@ from transformers.utils.hub import hf_api
 # Flat module name in a saved folder -> the installed module it is copied from.
 REMOTE_CODE_MODULES = {
     "configuration_blip2_bridge": "modeling_blip2.configuration.configuration_blip2_bridge",
+    "compat": "modeling_blip2.compat",
     "hub": "modeling_blip2.hub",
     "losses": "modeling_blip2.losses",
     "modeling_qformer": "modeling_blip2.modeling_qformer",

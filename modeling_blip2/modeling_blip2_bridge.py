@@ -12,6 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
+from .compat import CACHE_KEYWORD, pop_cache
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .losses import (
     gather_across_processes,
@@ -390,7 +391,7 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         text_output = self.qformer(
             inputs_embeds=decoder_embeds,
             attention_mask=attention_mask,
-            past_key_values=query_pass.past_key_values,
+            cache=query_pass.cache,
             is_causal=True,
         ).last_hidden_state
         # Predict token t+1 from position t; padded targets are left out before the vocabulary projection.
@@ -480,7 +481,7 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool = True,
         **kwargs,
@@ -491,22 +492,23 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
             query_embeds=query_embeds,
             image_embeds=image_embeds,
             is_causal=True,
-            past_key_values=past_key_values,
+            cache=pop_cache(kwargs, cache),
             use_cache=use_cache,
             position_ids=position_ids,
         )
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         logits = self.itg_head(output.last_hidden_state[:, query_length:])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=output.past_key_values)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_KEYWORD: output.cache})
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, query_embeds=None, image_embeds=None, **kwargs
+        self, input_ids, attention_mask=None, query_embeds=None, image_embeds=None, **kwargs
     ):
+        cache = pop_cache(kwargs)  # `generate` names it as its transformers release does
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Text positions count real tokens from 0, so left-padded prompts line up with unpadded ones.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if cache is not None and cache.get_seq_length() > 0:
             # The queries and earlier tokens are cached; only the newest token runs.
             input_ids, query_embeds, image_embeds = input_ids[:, -1:], None, None
         position_ids = position_ids[:, -input_ids.shape[1] :]
@@ -515,7 +517,7 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
             "attention_mask": attention_mask,
             "query_embeds": query_embeds,
             "image_embeds": image_embeds,
-            "past_key_values": past_key_values,
+            "cache": cache,
             "position_ids": position_ids,
             "use_cache": True,
         }

@@ -61,7 +61,7 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
     logits: (batch, sequence_length, vocab_size) the LLM's logits (decoder positions for an encoder-decoder LLM).
     image_features: (batch, num_query_tokens, llm_hidden_size) the projected query outputs that replaced the image
         placeholder tokens; pass them back as `image_features` to ask more about the same images.
-    language_model_outputs: the LLM's own output (past_key_values, encoder states, ...).
+    language_model_outputs: the LLM's own output (its cache, encoder states, ...).
     """
 
     loss: torch.FloatTensor | None = None

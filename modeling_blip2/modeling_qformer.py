@@ -223,11 +223,11 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
 class Blip2BridgeQFormerOutput(ModelOutput):
     """
     last_hidden_state: (batch, query_length + text_length, hidden_size) outputs, queries first.
-    past_key_values: self-attention keys/values of every position seen so far, when `use_cache`.
+    cache: self-attention keys/values of every position seen so far, when `use_cache`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 class Blip2BridgePreTrainedModel(Blip2BridgeHubMixin, PreTrainedModel):
@@ -241,7 +241,7 @@ class Blip2BridgePreTrainedModel(Blip2BridgeHubMixin, PreTrainedModel):
     _supports_flex_attn = False
     _supports_flash_attn = False  # masks are 4-D additive tensors, which flash-attention kernels do not take
     _no_split_modules = ["Blip2BridgeQFormerLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -318,7 +318,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_rows: int | None = None,
         is_causal: bool = False,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         position_ids: torch.LongTensor | None = None,
         input_index: torch.LongTensor | None = None,
@@ -336,7 +336,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         output_rows: the caller reads only the first `output_rows` positions of the output (ITM reads the queries,
             ITC the [CLS] token): the last layer computes just those.
         is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
-        past_key_values: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
+        cache: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
         input_index: (batch,) output row r starts from row `input_index[r]` of the text and queries, which then hold
             distinct inputs only (ITM pairs each caption with two images; every row of a query pass starts from the
@@ -350,10 +350,10 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None and query_embeds is None:
             raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
-        past_length = 0 if past_key_values is None else past_key_values.get_seq_length()
+        past_length = 0 if cache is None else cache.get_seq_length()
         if input_index is not None:
             if query_embeds is None or past_length > 0:
-                raise ValueError("input_index needs query_embeds and no past_key_values: rows fan out at the first "
+                raise ValueError("input_index needs query_embeds and no cache: rows fan out at the first "
                                  "cross-attention, which only queries have")
             if self.training and (self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0):
                 # Dropout draws its masks per row, as the original does: rows share the first layer only where it
@@ -368,8 +368,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         num_rows = hidden_states.shape[1]
         num_keys = past_length + num_rows
 
-        if past_key_values is None and use_cache:
-            past_key_values = DynamicCache()
+        if cache is None and use_cache:
+            cache = DynamicCache()
         if image_key_values is None and image_embeds is not None and query_length > 0:
             image_key_values = self.project_image(image_embeds)
         text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
@@ -387,7 +387,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         for layer_idx, layer in enumerate(self.layer):
             past_key_value = None
             if past_length > 0:
-                past_key_value = (past_key_values.layers[layer_idx].keys, past_key_values.layers[layer_idx].values)
+                past_key_value = (cache.layers[layer_idx].keys, cache.layers[layer_idx].values)
             hidden_states, new_key_value = layer(
                 hidden_states,
                 mask,
@@ -402,11 +402,9 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             if input_index is not None:
                 mask, text_token_index, input_index = fanned_out_mask, fanned_out_token_index, None
             if use_cache:
-                past_key_values.update(*new_key_value, layer_idx)
+                cache.update(*new_key_value, layer_idx)
 
-        return Blip2BridgeQFormerOutput(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
-        )
+        return Blip2BridgeQFormerOutput(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
     @staticmethod
     def _self_attention_mask(attention_mask, num_rows: int, num_keys: int, query_length: int, is_causal: bool, dtype):

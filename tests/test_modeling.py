@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForPreTraining
 
 from modeling_blip2 import Blip2BridgeModel
+from modeling_blip2.compat import CACHE_KEYWORD
 from modeling_blip2.losses import sample_hard_negatives
 from modeling_blip2.modeling_blip2_bridge import Blip2BridgeCaptionDecoder
 from tests.tiny_models import CLS_ID, DEC_ID, VOCAB_SIZE, tiny_batch, tiny_model
@@ -220,7 +221,7 @@ def test_query_pass_runs_the_first_layer_once_and_caches_every_image():
         shared = model.get_query_output(image_embeds, use_cache=True)
         separate = model.qformer(query_embeds=query_embeds_for(model, 3), image_embeds=image_embeds, use_cache=True)
     torch.testing.assert_close(shared.last_hidden_state, separate.last_hidden_state, atol=1e-6, rtol=1e-6)
-    for shared_layer, separate_layer in zip(shared.past_key_values.layers, separate.past_key_values.layers):
+    for shared_layer, separate_layer in zip(shared.cache.layers, separate.cache.layers):
         assert shared_layer.keys.shape == separate_layer.keys.shape == (3, 4, 4, 8)
         torch.testing.assert_close(shared_layer.keys, separate_layer.keys, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(shared_layer.values, separate_layer.values, atol=1e-6, rtol=1e-6)
@@ -342,11 +343,11 @@ def test_cached_decoding_matches_a_full_pass():
         full = model.itg_head(joint_causal_pass(model, image_embeds, decoder_input_ids)[:, model.config.num_query_tokens:])
         first = decoder(decoder_input_ids[:, :3], query_embeds=query_embeds_for(model, 2), image_embeds=image_embeds)
         steps = [first.logits]
-        cache = first.past_key_values
+        cache = getattr(first, CACHE_KEYWORD)  # the output field has the installed transformers' name
         for t in range(3, decoder_input_ids.shape[1]):
-            step = decoder(decoder_input_ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            step = decoder(decoder_input_ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]]))
             steps.append(step.logits)
-            cache = step.past_key_values
+            cache = getattr(step, CACHE_KEYWORD)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
