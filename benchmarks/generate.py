@@ -1,6 +1,6 @@
 """Stage-2 generation: ours against transformers' `Blip2ForConditionalGeneration` on identical weights, in one run.
 
-The model is transformers' BLIP-2 built from ../shared/bench/stage2_small.json with random weights, saved, and loaded
+The model is transformers' BLIP-2 built from benchmarks/configs/stage2_small.json with random weights, saved, and loaded
 by both classes (ours through its "blip-2" loading path), so both hold the same tensors. Two workloads, greedy:
 - plain: a batch of `batch_size` images, each with a prompt of `prompt_tokens` text tokens, `new_tokens` new tokens;
 - ten questions about one image: transformers' model runs ten full calls (vision tower + Q-Former + LLM each time);
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHAPES = REPO.parent / "shared" / "bench" / "stage2_small.json"
+DEFAULT_SHAPES = REPO / "benchmarks" / "configs" / "stage2_small.json"
 NUM_QUESTIONS = 10
 
 

@@ -1,7 +1,7 @@
 """Stage-1 training step (forward + backward of ITC + ITM + ITG): ours against the original implementation.
 
 The original is `tests/lavis_reference.py`, a re-statement of salesforce/LAVIS's Blip2Qformer with its passes, eager
-attention and per-sample negative sampling. Shapes come from ../shared/bench/stage1_small.json (image_embeds are fed
+attention and per-sample negative sampling. Shapes come from benchmarks/configs/stage1_small.json (image_embeds are fed
 directly; the frozen vision pass is excluded). Each implementation runs in its own process, alternating, so that peak
 memory is measured alone and both see the same machine conditions.
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHAPES = REPO.parent / "shared" / "bench" / "stage1_small.json"
+DEFAULT_SHAPES = REPO / "benchmarks" / "configs" / "stage1_small.json"
 
 
 def make_inputs(shapes: dict, text: str):

@@ -1,7 +1,7 @@
 """Training throughput through `Blip2BridgeTrainer`: samples/s and peak memory of stage-1 and stage-2 steps.
 
-CPU (always): stage 1 on the shapes of ../shared/bench/stage1_small.json (image_embeds fed directly, as
-benchmarks/stage1_step.py) and stage 2 on ../shared/bench/stage2_small.json (pixels through the frozen vision tower,
+CPU (always): stage 1 on the shapes of benchmarks/configs/stage1_small.json (image_embeds fed directly, as
+benchmarks/stage1_step.py) and stage 2 on benchmarks/configs/stage2_small.json (pixels through the frozen vision tower,
 the Q-Former, and the frozen OPT), fp32, peak RSS of the process.
 CUDA (when available): stage 1 of a CLIP ViT-L/14 + BERT-base Q-Former (32 queries, batch 64, random weights, pixels
 through the frozen tower) in bf16 autocast with the frozen tower in bf16; samples/s, peak GPU memory and model FLOPs
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = REPO.parent / "shared" / "bench"
+SHAPES = REPO / "benchmarks" / "configs"
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs we may be lent; pass --peak-tflops for others.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

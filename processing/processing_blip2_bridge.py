@@ -6,6 +6,7 @@ model's tokenizer and puts `num_query_tokens` image placeholder tokens in front 
 """
 
 from transformers import AddedToken, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 
@@ -118,7 +119,8 @@ class Blip2BridgeProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError(f"{type(self).__name__} needs images, text or both; got neither")
         texts = None if text is None else check_texts(text, allow_empty=self.is_stage2)
-        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        # transformers before 5.23 needs the kwargs class named.
+        output_kwargs = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
 
         encoding = {}
         if images is not None:

@@ -9,6 +9,7 @@ from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2.compat import CACHE_KEYWORD
 from modeling_blip2.losses import sample_hard_negatives
 from modeling_blip2.modeling_blip2_bridge import Blip2BridgeCaptionDecoder
+from tests.transformers_versions import enable_activation_checkpointing
 from tests.tiny_models import CLS_ID, DEC_ID, VOCAB_SIZE, tiny_batch, tiny_model
 
 
@@ -294,7 +295,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_activation_checkpointing(model)
         torch.manual_seed(3)
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
         out.loss.backward()

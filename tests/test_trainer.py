@@ -12,6 +12,7 @@ from modeling_blip2 import Blip2BridgeTrainer
 from modeling_blip2 import modeling_qformer
 from modeling_blip2.training import accelerate_config_path, blip2_training_arguments, build_trainer
 from modeling_blip2.training.trainer import decays, training_stage
+from tests.transformers_versions import ACTIVATION_CHECKPOINTING_ARGUMENT
 from tests.trainer_helpers import (
     CaptionedImages,
     Stage2Captions,
@@ -182,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain.train()
     checkpointed_model, _ = stage1_setup()
     checkpointed = stage1_trainer(tmp_path / "b", checkpointed_model, collator, max_steps=2,
-                                  activation_checkpointing=True)  # `gradient_checkpointing` before transformers 5
+                                  **{ACTIVATION_CHECKPOINTING_ARGUMENT: True})
     checkpointed.train()
     assert checkpointed_model.qformer.layer[0].gradient_checkpointing and not model.qformer.layer[0].gradient_checkpointing
     for first, second in zip(training_logs(plain), training_logs(checkpointed)):
