@@ -1,5 +1,6 @@
 """Stage 1 of BLIP-2: the Q-Former learns to read a frozen image encoder through ITC, ITM and ITG."""
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,12 @@ class Blip2BridgeVisionMixin:
             self.vision_model.eval()
         return self
 
-    def get_image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(batch, image_length, vision_width): the vision features after `vision_layernorm`."""
+    def get_image_embeds(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(batch, image_length, vision_width): the vision features after `vision_layernorm`.
+
+        interpolate_pos_encoding: let a tower with a fixed position table (BLIP-2's, CLIP, SigLIP, ViT) read images of
+        another size than `vision_config.image_size`; pass the result to the model as `image_embeds`.
+        """
         expected_channels = getattr(self.config.vision_config, "num_channels", 3)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected_channels:
             channels = pixel_values.shape[1] if pixel_values.dim() == 4 else "?"
@@ -114,12 +119,39 @@ class Blip2BridgeVisionMixin:
                 f"(batch, {expected_channels}, height, width)"
                 + (" (RGB)" if expected_channels == 3 else "")
             )
+        tower_options = {}
+        if self._vision_takes_interpolate_pos_encoding:
+            if interpolate_pos_encoding:
+                tower_options["interpolate_pos_encoding"] = True
+            else:
+                self._check_image_size(pixel_values)
         feature_layer = self.config.vision_feature_layer
         pixel_values = pixel_values.to(self.vision_model.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_model):
-            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=feature_layer is not None)
+            outputs = self.vision_model(
+                pixel_values=pixel_values, output_hidden_states=feature_layer is not None, **tower_options
+            )
         features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
         return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
+
+    @property
+    def _vision_takes_interpolate_pos_encoding(self) -> bool:
+        """Towers with this option have a position table for `image_size` only (Dinov2 always interpolates)."""
+        return "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters
+
+    def _check_image_size(self, pixel_values: torch.Tensor):
+        image_size = getattr(self.config.vision_config, "image_size", None)
+        if image_size is None:
+            return
+        expected = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        if tuple(pixel_values.shape[-2:]) != expected:
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels (height x width); the "
+                f"vision tower expects {expected[0]}x{expected[1]} (vision_config.image_size). Resize the images to "
+                f"that size (the processor saved with the model does: AutoProcessor.from_pretrained(model folder)), "
+                "or compute image_embeds = model.get_image_embeds(pixel_values, interpolate_pos_encoding=True) and "
+                "pass image_embeds instead of pixel_values"
+            )
 
     def _resolve_image_embeds(
         self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None

@@ -434,3 +434,23 @@ def test_bad_inputs_raise_errors_that_name_the_value():
         model(image_embeds=torch.randn(4, 5, 9), input_ids=input_ids)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 3\)"):
         model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask[:, :3])
+
+
+def test_images_of_another_size_than_the_tower_takes_are_refused_naming_both_sizes():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=2, image_size=42)
+    with pytest.raises(ValueError, match=r"pixel_values are 42x42 pixels .* expects 28x28 .*interpolate_pos_encoding"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_interpolated_position_table_reads_larger_images_through_the_towers_own_interpolation():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=2, image_size=42)
+    with torch.no_grad():
+        image_embeds = model.get_image_embeds(pixel_values, interpolate_pos_encoding=True)
+        tower = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
+        features = tower.hidden_states[model.config.vision_feature_layer]
+        outputs = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    assert image_embeds.shape[1] == 1 + (42 // 14) ** 2  # [CLS] + a 3x3 grid of patches instead of 2x2
+    torch.testing.assert_close(image_embeds, model.vision_layernorm(features), rtol=0, atol=0)
+    assert torch.isfinite(outputs.loss)

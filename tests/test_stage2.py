@@ -1,12 +1,19 @@
 """Stage 2: projected queries prompt a frozen LLM; transformers' own BLIP-2 checkpoints load with identical outputs."""
 
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, Blip2Config, Blip2ForConditionalGeneration
 
-from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeModel
-from tests.tiny_models import VISION_CONFIG
+from modeling_blip2 import (
+    Blip2BridgeConfig,
+    Blip2BridgeForConditionalGeneration,
+    Blip2BridgeImageProcessor,
+    Blip2BridgeModel,
+    Blip2BridgeProcessor,
+)
+from tests.tiny_models import VISION_CONFIG, tiny_stage2
 
 VOCAB_SIZE = 99
 IMAGE_TOKEN_ID = VOCAB_SIZE - 1
@@ -268,3 +275,15 @@ def test_images_and_prompts_of_different_batch_sizes_are_a_clear_error():
         model(pixel_values=pixel_values[:2], input_ids=input_ids)
     with pytest.raises(ValueError, match="input_ids has batch size 3 but there are 1 images"):
         model.generate(image_features=model.get_image_features(pixel_values[:1]), input_ids=input_ids)
+
+
+def test_processor_resizing_to_another_size_than_the_tower_is_a_clear_error_at_generate():
+    model, tiny_processor = tiny_stage2("opt")
+    # The default image processor resizes to 224 px, as BLIP-2's; this tower takes 28 px.
+    processor = Blip2BridgeProcessor(
+        Blip2BridgeImageProcessor(), tiny_processor.tokenizer, num_query_tokens=NUM_QUERY_TOKENS
+    )
+    image = PIL.Image.new("RGB", (40, 30), "red")
+    inputs = processor(images=image, text="a photo of")
+    with pytest.raises(ValueError, match=r"pixel_values are 224x224 pixels .* expects 28x28 \(vision_config.image_size\)"):
+        model.generate(**inputs, max_new_tokens=3)
