@@ -134,8 +134,10 @@ def load_blip2_bridge_folder(path: str):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForPreTraining, AutoTokenizer
 
     from . import Blip2BridgeConfig  # registers the Auto classes
+    from .hub import explain_missing_folder
 
-    config = AutoConfig.from_pretrained(path)
+    with explain_missing_folder(path):
+        config = AutoConfig.from_pretrained(path)
     if not isinstance(config, Blip2BridgeConfig):
         raise ValueError(f"{path} holds a {config.model_type!r} model; expected a blip2-bridge ('blip2_bridge') folder")
     auto_class = AutoModelForPreTraining if config.text_config is None else AutoModelForImageTextToText

@@ -12,12 +12,15 @@ The processor and image processor files import nothing from blip2-bridge; their 
 transformers' own `custom_object_save` copies them and writes their `auto_map`.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
 import tempfile
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers.utils.hub import hf_api
 
 
@@ -158,6 +161,28 @@ def write_model_card(save_directory: str | os.PathLike, config, tags: list[str] 
     return True
 
 
+@contextlib.contextmanager
+def explain_missing_folder(name_or_path):
+    """Says "no such folder" for a model location that is neither a local folder nor a reachable hub repository.
+
+    Without it, a mistyped local path reads as a malformed hub id ("Repo id must be in the form ...") and a missing
+    relative folder as a network failure.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or os.path.exists(name_or_path):
+        yield
+        return
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise OSError(
+            f"model folder {name_or_path} does not exist (nor can it be a hub id: those read 'name' or 'namespace/name')"
+        ) from None
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"no local folder {name_or_path} exists, and as a hub id it could not be loaded: {error}") from error
+
+
 class Blip2BridgeHubMixin:
     """`save_pretrained` and `push_to_hub` that make a saved folder self-contained (see the module docstring)."""
 
@@ -165,6 +190,11 @@ class Blip2BridgeHubMixin:
     hub_auto_classes: tuple[str, ...] = ()
     # Pipelines a saved folder offers through its config's `custom_pipelines`.
     hub_custom_pipelines: dict[str, dict] = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        with explain_missing_folder(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, model_card_tags=None, **kwargs):
         if self.is_remote_code():

@@ -193,6 +193,11 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
     def __init__(self, config: Blip2BridgeConfig):
         super().__init__(config)
         qformer_config = config.qformer_config
+        if not qformer_config.use_text_input:
+            raise ValueError(
+                "this configuration's Q-Former reads no text (use_text_input=False), as a stage-2 model's: load it with "
+                "Blip2BridgeForConditionalGeneration (AutoModelForImageTextToText); a stage-1 model needs the text side"
+            )
         self._build_vision(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer = Blip2BridgeQFormerModel(qformer_config)

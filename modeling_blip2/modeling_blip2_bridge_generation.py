@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutpu
 from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig
-from .hub import IMAGE_TO_TEXT_PIPELINE
+from .hub import IMAGE_TO_TEXT_PIPELINE, explain_missing_folder
 from .modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
 from .weight_mapping import BERT_HYPERPARAMETERS
@@ -119,7 +119,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
                 for name in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
                 if name in kwargs
             }
-            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            with explain_missing_folder(pretrained_model_name_or_path):
+                config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             if config_dict.get("model_type") == Blip2Config.model_type:
                 config = config_from_blip2(Blip2Config.from_dict(config_dict))
                 kwargs["key_mapping"] = {**BLIP2_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}

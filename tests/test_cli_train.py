@@ -33,21 +33,23 @@ def write_tiny_model(folder) -> Blip2BridgeModel:
     return model
 
 
-def write_coco_folder(root):
-    """Five images, eight captions; the last image is a truncated JPEG (one caption)."""
-    (root / "images").mkdir(parents=True)
+def write_coco_folder(root, image_dir: str = "images", annotation_file: str = "captions.json"):
+    """Five images in `root/image_dir`, eight captions in `root/annotation_file`; the last image is a truncated JPEG
+    (one caption)."""
+    (root / image_dir).mkdir(parents=True)
     images, annotations = [], []
     for index in range(5):
         pixels = np.random.default_rng(index).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        path = root / "images" / f"{index}.jpg"
+        path = root / image_dir / f"{index}.jpg"
         PIL.Image.fromarray(pixels).save(path)
         images.append({"id": 100 + index, "file_name": path.name})
     path.write_bytes(path.read_bytes()[:300])
     for index, caption in enumerate(CAPTIONS):
         annotations.append({"id": index, "image_id": 100 + index % 4 if index < 7 else 104, "caption": caption})
-    annotation_file = root / "captions.json"
-    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return annotation_file
+    annotation_path = root / annotation_file
+    annotation_path.parent.mkdir(parents=True, exist_ok=True)
+    annotation_path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return annotation_path
 
 
 @pytest.mark.slow
@@ -125,6 +127,40 @@ def test_missing_data_source_is_a_one_line_error(tmp_path, capsys):
     code = main(["train", "--stage", "1", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o")])
     assert code == 1
     assert "give exactly one data source" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_named_as_a_missing_folder(tmp_path, capsys):
+    missing = tmp_path / "not-trained-yet"
+    code = main(["train", "--stage", "1", "--model_name_or_path", str(missing), "--output_dir", str(tmp_path / "o")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"blip2-bridge train: error: model folder {missing} does not exist (nor can it be a hub id: those read 'name' "
+        "or 'namespace/name')"
+    )
+
+
+def test_stage2_folder_given_to_stage1_training_is_refused_before_loading(tmp_path, capsys):
+    from tests.tiny_models import tiny_stage2
+
+    model, _ = tiny_stage2("opt")
+    model.save_pretrained(tmp_path / "stage2")
+    capsys.readouterr()  # the save's progress bar
+    code = main(["train", "--stage", "1", "--model_name_or_path", str(tmp_path / "stage2"), "--output_dir",
+                 str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 1
+    assert error.count("\n") == 1 and "holds a stage-2 model" in error and "--stage 2" in error
+
+
+def test_a_bad_flag_is_one_line_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--stage", "3"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.splitlines() == [
+        "blip2-bridge train: error: argument --stage: invalid choice: 3 (choose from 1, 2) "
+        "(`blip2-bridge train --help` lists every flag)"
+    ]
 
 
 @pytest.mark.slow

@@ -641,3 +641,10 @@ def test_cli_converts_a_lavis_stage2_checkpoint_straight_to_transformers_blip2(t
     # transformers' post_layernorm takes the EVA blocks' eps 1e-6 where LAVIS's ln_vision has 1e-5: close, not equal.
     assert theirs.vision_model.post_layernorm.eps == 1e-6
     assert (actual - expected).abs().max() <= 1e-4
+
+
+def test_converting_a_missing_blip2_bridge_folder_names_the_missing_folder(tmp_path, capsys):
+    missing = tmp_path / "blip2-opt"
+    assert main(["convert", "--from", "blip2-bridge", str(missing), "--to", "transformers", "--output",
+                 str(tmp_path / "out")]) == 1  # fmt: skip
+    assert f"model folder {missing} does not exist" in capsys.readouterr().err

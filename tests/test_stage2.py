@@ -1,5 +1,6 @@
 """Stage 2: projected queries prompt a frozen LLM; transformers' own BLIP-2 checkpoints load with identical outputs."""
 
+import huggingface_hub.constants
 import PIL.Image
 import pytest
 import torch
@@ -287,3 +288,14 @@ def test_processor_resizing_to_another_size_than_the_tower_is_a_clear_error_at_g
     inputs = processor(images=image, text="a photo of")
     with pytest.raises(ValueError, match=r"pixel_values are 224x224 pixels .* expects 28x28 \(vision_config.image_size\)"):
         model.generate(**inputs, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("model_class", [Blip2BridgeModel, Blip2BridgeForConditionalGeneration])
+def test_from_pretrained_of_a_missing_folder_says_the_folder_is_missing(tmp_path, monkeypatch, model_class):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match=r"^model folder \./my-blip2 does not exist"):
+        model_class.from_pretrained("./my-blip2")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    # A bare name may be a hub id too: the hub's own error follows the missing folder.
+    with pytest.raises(OSError, match=r"^no local folder my-blip2 exists, and as a hub id it could not be loaded: "):
+        model_class.from_pretrained("my-blip2")

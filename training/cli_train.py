@@ -19,12 +19,14 @@ import datasets
 import torch
 import yaml
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     HfArgumentParser,
     set_seed,
 )
 
 from .. import builders
+from ..hub import explain_missing_folder
 from ..modeling_blip2_bridge import Blip2BridgeModel
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
@@ -118,9 +120,18 @@ class DataArguments:
     min_crop_scale: float = field(default=0.5, metadata={"help": "smallest crop area, as a fraction of the image"})
 
 
+class OneLineErrorArgumentParser(HfArgumentParser):
+    """A bad flag ends in one line that names it: argparse would first print a usage of some 130 flags."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists every flag)\n")
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Blip2BridgeTrainingArguments]:
     """Reads an optional config file (the first argument, .yaml/.yml/.json) whose values the flags after it override."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, Blip2BridgeTrainingArguments), prog="blip2-bridge train")
+    parser = OneLineErrorArgumentParser(
+        (ModelArguments, DataArguments, Blip2BridgeTrainingArguments), prog="blip2-bridge train"
+    )
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
         config = read_config_file(argv[0])
         known = {action.dest: action for action in parser._actions}
@@ -152,6 +163,8 @@ def read_config_file(path: str) -> dict:
 def load_model_and_tokenizer(model_args: ModelArguments):
     """The model to train and its text tokenizer (the Q-Former's in stage 1, the LLM's in stage 2)."""
     tokenizer_path = model_args.tokenizer_name_or_path
+    if model_args.model_name_or_path is not None:
+        check_model_stage(model_args)
     if model_args.stage == 1:
         if model_args.model_name_or_path is not None:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
@@ -191,6 +204,24 @@ def load_model_and_tokenizer(model_args: ModelArguments):
             f"{model.config.image_token_id}; expected the tokenizer saved with the stage-2 model"
         )
     return model, tokenizer
+
+
+def check_model_stage(model_args: ModelArguments):
+    """Refuses, before anything loads, a --model_name_or_path of the other stage than --stage."""
+    path = model_args.model_name_or_path
+    with explain_missing_folder(path):
+        config = AutoConfig.from_pretrained(path)
+    is_stage2 = getattr(config, "text_config", None) is not None
+    if model_args.stage == 1 and is_stage2:
+        raise ValueError(
+            f"{path} holds a stage-2 model (Q-Former + language model); --stage 1 continues a stage-1 model. Pass "
+            "--stage 2 to train this one, or a stage-1 folder"
+        )
+    if model_args.stage == 2 and not is_stage2 and model_args.language_model_name_or_path is None:
+        raise ValueError(
+            f"{path} holds a stage-1 model (no language model); stage 2 from it needs --language_model_name_or_path, "
+            "the frozen LLM to bridge to"
+        )
 
 
 def load_image_processor(model_args: ModelArguments, model) -> Blip2BridgeImageProcessor:
