@@ -55,6 +55,28 @@ def test_image_text_to_text_answers_each_prompt_as_generate_does(saved):
     assert [output["generated_text"] for output in full] == [p + a for p, a in zip(PROMPTS, expected)]
 
 
+def test_image_text_to_text_returns_what_transformers_blip2_pipeline_returns_on_the_same_weights(saved, tmp_path):
+    """The joint of prompt and answer is the model's: "a photo of" + "a ..." reads "a photo ofa ..." for a model that
+    was trained to caption without a prompt, in transformers' BLIP-2 as in ours."""
+    from transformers import Blip2Processor, BlipImageProcessor
+
+    from modeling_blip2.export_transformers import export_to_transformers
+
+    kind, model, processor, folder = saved
+    export_to_transformers(model, tmp_path, tokenizer=processor.tokenizer)
+    size = processor.image_processor.size
+    image_processor = BlipImageProcessor(size={"height": size["height"], "width": size["width"]})
+    Blip2Processor(image_processor, processor.tokenizer, num_query_tokens=model.config.num_query_tokens).save_pretrained(
+        tmp_path
+    )
+    ours, theirs = pipeline("image-text-to-text", model=folder), pipeline("image-text-to-text", model=str(tmp_path))
+    images = make_images()
+    for prompts in (PROMPTS, ["a photo of", "a photo of "], ["", ""]):
+        for return_full_text in (True, False):
+            options = dict(max_new_tokens=6, return_full_text=return_full_text)
+            assert ours(images=images, text=prompts, **options) == theirs(images=images, text=prompts, **options)
+
+
 def test_image_text_to_text_with_an_empty_prompt_captions_like_generate_without_input_ids(saved):
     kind, model, processor, folder = saved
     pipe = pipeline("image-text-to-text", model=folder)
