@@ -36,7 +36,7 @@ def tokenizer_without_dec() -> BertTokenizer:
     return BertTokenizer(vocab=dict(sorted(vocab.items(), key=lambda item: item[1])))
 
 
-def tiny_bert(vocab_size: int, with_lm_head: bool = True, seed: int = 0):
+def tiny_bert(vocab_size: int, with_lm_head: bool = True, seed: int = 0, max_position_embeddings: int = 24):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab_size,
@@ -44,7 +44,7 @@ def tiny_bert(vocab_size: int, with_lm_head: bool = True, seed: int = 0):
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=24,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=INITIALIZER_RANGE,
     )
     model = BertForMaskedLM(config) if with_lm_head else BertModel(config, add_pooling_layer=True)

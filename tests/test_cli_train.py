@@ -152,6 +152,18 @@ def test_stage2_folder_given_to_stage1_training_is_refused_before_loading(tmp_pa
     assert error.count("\n") == 1 and "holds a stage-2 model" in error and "--stage 2" in error
 
 
+def test_model_folder_without_a_tokenizer_asks_for_one(tmp_path, capsys):
+    model_dir = tmp_path / "converted"
+    tiny_model_without_tokenizer = Blip2BridgeModel(tiny_config())
+    tiny_model_without_tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()
+    code = main(["train", "--stage", "1", "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o")])
+    assert code == 1
+    assert f"{model_dir} holds no tokenizer (a folder converted from LAVIS has none); pass --tokenizer_name_or_path" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_bad_flag_is_one_line_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--stage", "3"])

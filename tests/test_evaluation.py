@@ -51,10 +51,9 @@ def write_json(path: Path, content) -> None:
     path.write_text(json.dumps(content))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """VQAv2 (official JSONs), COCO Karpathy test, NoCaps val and Flickr30K test, a few images each."""
-    root = tmp_path_factory.mktemp("data")
+def write_benchmark_data(root: Path) -> Path:
+    """VQAv2 (official JSONs), COCO Karpathy test, NoCaps val and Flickr30K test, a few images each, under `root` in
+    LAVIS's cache layout."""
     image_ids = [42, 7, 42, 1234, 7]
     for image_id in set(image_ids):
         write_image(root / "coco" / "images" / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", image_id % 13)
@@ -85,6 +84,11 @@ def data_dir(tmp_path_factory) -> Path:
         "annotations": [{"image_id": 0, "id": i, "caption": caption} for i, caption in enumerate(CAPTIONS[:2])],
     })
     return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_benchmark_data(tmp_path_factory.mktemp("data"))
 
 
 def make_llm_tokenizer() -> PreTrainedTokenizerFast:

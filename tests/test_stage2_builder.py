@@ -20,9 +20,9 @@ NUM_QUERY_TOKENS = 4
 LLM_VOCAB_SIZE = 320
 
 
-def tiny_llm(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE, seed: int = 1):
+def tiny_llm(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE, seed: int = 1, **config_overrides):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(**dict(TEXT_CONFIGS[name], vocab_size=vocab_size))
+    config = AutoConfig.for_model(**dict(TEXT_CONFIGS[name], vocab_size=vocab_size, **config_overrides))
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return model_class.from_config(config).eval()
 

@@ -167,7 +167,7 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         check_model_stage(model_args)
     if model_args.stage == 1:
         if model_args.model_name_or_path is not None:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder_tokenizer(model_args.model_name_or_path))
             return Blip2BridgeModel.from_pretrained(model_args.model_name_or_path), tokenizer
         if model_args.vision_model_name_or_path is None or model_args.qformer_name_or_path is None:
             raise ValueError(
@@ -190,7 +190,7 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         )
     if model_args.language_model_name_or_path is None:
         model = Blip2BridgeForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder_tokenizer(model_args.model_name_or_path))
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.language_model_name_or_path)
         model = builders.build_stage2_model(
@@ -204,6 +204,19 @@ def load_model_and_tokenizer(model_args: ModelArguments):
             f"{model.config.image_token_id}; expected the tokenizer saved with the stage-2 model"
         )
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+
+
+def folder_tokenizer(model_path: str) -> str:
+    """`model_path` when it holds a tokenizer (or is a hub id); a local folder without one is refused by name."""
+    if Path(model_path).is_dir() and not any(Path(model_path, name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{model_path} holds no tokenizer (a folder converted from LAVIS has none); pass --tokenizer_name_or_path, "
+            "e.g. bert-base-uncased for the paper's Q-Former (stage 1) or the LLM's tokenizer (stage 2)"
+        )
+    return model_path
 
 
 def check_model_stage(model_args: ModelArguments):
