@@ -158,19 +158,31 @@ def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir
     )
     saved = json.loads((output / "metrics.json").read_text())
     assert saved["accuracy"] == expected["accuracy"] == result["accuracy"]
-    assert saved["num_samples"] == 5 and saved["generation"]["prompt"] == "Question: {} Answer:"
+    assert saved["num_samples"] == 5 and saved["generation"]["prompt"] == "Question: {} Short answer:"
 
 
-def test_vqa_prediction_is_the_models_beam_search_answer_to_the_paper_prompt(stage2_dir, data_dir, tmp_path):
+def test_vqa_prediction_is_the_models_beam_search_answer_to_lavis_opt_settings(stage2_dir, data_dir, tmp_path):
+    """vqav2_zeroshot_opt_eval.yaml's prompt, Blip2OPT.predict_answers' length penalty 0, stop at "\n"."""
     runner.evaluate("vqav2", stage2_dir, data_dir, tmp_path, batch_size=3, shard_size=5, limit=3)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     model, processor = runner.load_model_and_processor("vqav2", stage2_dir, "float32", "cpu")
+    newline_id = processor.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
     for row in rows:
         inputs = processor(images=Image.open(row["image"]).convert("RGB"),
-                           text=f"Question: {row['question']} Answer:", return_tensors="pt")
-        generated = model.generate(**inputs, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+                           text=f"Question: {row['question']} Short answer:", return_tensors="pt")
+        generated = model.generate(**inputs, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0,
+                                   eos_token_id=newline_id)
         answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
         assert row["prediction"] == answer.strip()
+
+
+def test_paper_defaults_and_the_eos_stop_are_one_flag_away(stage2_dir, data_dir, tmp_path, capsys):
+    assert main(["evaluate", "--task", "vqav2", "--model", str(stage2_dir), "--data-dir", str(data_dir),
+                 "--output", str(tmp_path), "--limit", "1", "--defaults", "paper", "--end-of-text", ""]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
+        prompt="Question: {} Answer:", num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0,
+        repetition_penalty=1.0, end_of_text=None,
+    )
 
 
 def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path):
@@ -181,7 +193,8 @@ def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2
     assert [row["image_id"] for row in rows] == [entry["image"] for entry in annotations]
     assert [row["references"] for row in rows] == [entry["caption"] for entry in annotations]
     assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
-        prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0
+        prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0,
+        repetition_penalty=1.0, end_of_text="\n",
     )
     expected = CaptionMetrics().compute(
         predictions=[row["prediction"] for row in rows], references=[row["references"] for row in rows]
@@ -281,6 +294,14 @@ def test_resuming_with_other_arguments_is_refused(stage2_dir, data_dir, tmp_path
     assert main(arguments) == 1
     error = capsys.readouterr().err
     assert "other arguments" in error and "limit" in error and "model" in error
+
+
+def test_resuming_under_other_generation_defaults_is_refused(stage2_dir, data_dir, tmp_path, capsys):
+    arguments = ["evaluate", "--task", "vqav2", "--model", str(stage2_dir), "--data-dir", str(data_dir),
+                 "--output", str(tmp_path), "--limit", "1"]
+    assert main(arguments) == 0
+    assert main([*arguments, "--defaults", "paper"]) == 1
+    assert "(generation differ)" in capsys.readouterr().err
 
 
 def test_resuming_after_the_model_folder_changed_is_refused(stage2_dir, data_dir, tmp_path, capsys):

@@ -15,6 +15,10 @@ that are -100 everywhere but on the target text (caption, answer or response) an
   the encoder (`input_ids`), the target to the decoder (`labels`, padding -100, with `decoder_attention_mask`). For
   caption pre-training `CaptionLMCollator(split_captions=True)` cuts each caption at a random word, prefix to the
   encoder and suffix to the decoder, as the paper's prefix language modelling.
+
+The end-of-text token is the tokenizer's EOS unless `end_of_text` names another text. `default_end_of_text(text_config)`
+gives the original's choice per LLM family: "\n" for OPT (LAVIS's `Blip2OPT` trains on `caption + "\n"` and generates
+until "\n"), the EOS for the others; `blip2-bridge evaluate` stops generation with the same rule.
 """
 
 import logging
@@ -42,6 +46,28 @@ IMAGE_TOKEN = "<image>"
 # LAVIS's `max_txt_len` for stage 2: text tokens (placeholders excluded) per sample.
 DEFAULT_MAX_TEXT_TOKENS = 32
 VQA_PROMPT = "Question: {} Answer:"  # OPT; BLIP-2's FlanT5 models use "Question: {} Short answer:"
+# The text that ends every target, per LLM `model_type`, where it is not the tokenizer's EOS: LAVIS's `Blip2OPT`
+# (lavis/models/blip2_models/blip2_opt.py) appends "\n" to every caption in `forward` and passes the id of "\n" as
+# `eos_token_id` to `generate`; transformers' converted BLIP-2 OPT checkpoints carry it as `text_config.eos_token_id`.
+END_OF_TEXT_BY_MODEL_TYPE = {"opt": "\n"}
+
+
+def default_end_of_text(text_config) -> str | None:
+    """The text that ends a target and stops generation for this LLM: "\n" for OPT, as the original; None (the
+    tokenizer's EOS token) for every other family."""
+    return END_OF_TEXT_BY_MODEL_TYPE.get(getattr(text_config, "model_type", None))
+
+
+def end_of_text_ids(tokenizer: PreTrainedTokenizerBase, end_of_text: str | None) -> list[int]:
+    """The token ids of `end_of_text` (no special tokens added), or the tokenizer's EOS id when it is None."""
+    if end_of_text is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; pass end_of_text")
+        return [tokenizer.eos_token_id]
+    ids = tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"end_of_text {end_of_text!r} encodes to no token; expected a text such as '\\n'")
+    return ids
 
 
 class ImageCollator:
@@ -228,8 +254,8 @@ class LanguageModelingCollator(ImageCollator):
         is_encoder_decoder: the LLM's `config.is_encoder_decoder` (T5: True, OPT/LLaMA: False).
         max_length: the most text tokens per sample, placeholders not counted (LAVIS's `max_txt_len`, 32). A longer
             text loses tokens at its end but keeps its end-of-text token, so that the LLM still learns to stop.
-        end_of_text: the text that ends a target; default the tokenizer's EOS token. LAVIS's OPT models end captions
-            with "\n" (and generate until "\n").
+        end_of_text: the text that ends a target; default the tokenizer's EOS token. The original ends OPT targets
+            with "\n" (and generates until "\n"): pass `default_end_of_text(model.config.text_config)` for its choice.
         image_transform, image_column, skipped: as [`ImageCollator`].
     """
 
@@ -251,19 +277,13 @@ class LanguageModelingCollator(ImageCollator):
                 f"tokenizer {type(tokenizer).__name__} has no pad token; set one (e.g. tokenizer.pad_token = "
                 "tokenizer.eos_token) so that batches can be padded"
             )
-        if end_of_text is None and tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; pass end_of_text")
         if max_length < 2:
             raise ValueError(f"max_length is {max_length}; expected at least 2 text tokens")
         self.tokenizer = tokenizer
         self.num_query_tokens = num_query_tokens
         self.is_encoder_decoder = is_encoder_decoder
         self.max_length = max_length
-        self.end_of_text_ids = (
-            [tokenizer.eos_token_id]
-            if end_of_text is None
-            else tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
-        )
+        self.end_of_text_ids = end_of_text_ids(tokenizer, end_of_text)
         image_token_id(tokenizer)  # adds "<image>" now, not in a DataLoader worker
 
     def encode(self, texts: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -439,6 +459,8 @@ __all__ = [
     "InstructionCollator",
     "LanguageModelingCollator",
     "VQACollator",
+    "default_end_of_text",
+    "end_of_text_ids",
     "image_text_ids",
     "image_token_id",
 ]

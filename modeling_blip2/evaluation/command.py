@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from .runner import TASKS
+from .runner import DEFAULTS, TASKS
 
 
 def add_evaluate_command(subcommands) -> None:
@@ -28,19 +28,31 @@ def add_evaluate_command(subcommands) -> None:
                         help="VQAv2/OK-VQA answer normalisation: the current official vqaEval.py or the older one "
                         "LAVIS vendors (default official); GQA always uses exact match")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16 or float16")
-    generation = parser.add_argument_group("generation (VQA and captioning; defaults follow the paper)")
+    generation = parser.add_argument_group(
+        "generation (VQA and captioning; defaults per task and LLM family, listed in docs/evaluation.md)"
+    )
+    generation.add_argument("--defaults", choices=DEFAULTS, default="lavis",
+                            help="lavis: LAVIS's released eval configs, which give the released numbers (default); "
+                            "paper: the paper's text where it differs (VQA prompt 'Question: {} Answer:' for "
+                            "decoder-only LLMs, length penalty -1; captioning prompt 'a photo of')")
     generation.add_argument("--prompt", help='prompt template; VQA fills "{}" with the question')
     generation.add_argument("--num-beams", type=int)
     generation.add_argument("--max-new-tokens", type=int)
     generation.add_argument("--min-new-tokens", type=int)
     generation.add_argument("--length-penalty", type=float)
+    generation.add_argument("--repetition-penalty", type=float)
+    generation.add_argument("--end-of-text", metavar="TEXT",
+                            help="the one-token text that ends an answer or caption (default '\\n' for OPT, as the "
+                            "original; the LLM's EOS for others); '' for the LLM's EOS token; in bash a newline is "
+                            "$'\\n'")
     parser.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .runner import evaluate
 
-    names = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")
+    names = ("prompt", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
+             "end_of_text")
     generation = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     metrics = evaluate(
         args.task,
@@ -53,6 +65,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         k=args.k,
         vqa_metric=args.vqa_metric,
         generation=generation or None,
+        defaults=args.defaults,
         dtype=args.dtype,
     )
     if metrics is not None:

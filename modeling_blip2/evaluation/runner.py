@@ -17,29 +17,60 @@ from ..processing.image_processing_blip2_bridge import open_image
 from ..retrieval import image_text_matching_scores, rerank_scores, select_candidates
 from ..losses import max_over_queries_similarity
 from ..processing.text_cleaning import pre_caption, pre_question
+from ..training.collators import default_end_of_text, end_of_text_ids
 from .data import TaskData, load_task_data
 from .shards import JSONL, TENSORS, map_shards, write_jsonl
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Prompt and beam search of a generative task, as the original's eval configs set them."""
+    """Prompt, beam search and stop of a generative task.
+
+    min_new_tokens and max_new_tokens count generated tokens only (LAVIS's T5 `min_length` also counts the decoder's
+    start token: its min_len 8 is 7 new tokens here). end_of_text: the text whose token ends an answer or caption
+    ("\n" for OPT, as the original); None for the LLM's own EOS token.
+    """
 
     prompt: str
     num_beams: int = 5
     max_new_tokens: int = 10
     min_new_tokens: int = 1
     length_penalty: float = -1.0
+    repetition_penalty: float = 1.0
+    end_of_text: str | None = None
 
 
-# The paper's VQA prompts: "Question: {} Answer:" for decoder-only LLMs (OPT), "Question: {} Short answer:" for
-# encoder-decoder ones (FlanT5); beam 5, 1 to 10 new tokens, length penalty -1.
-VQA_PROMPTS = {"decoder_only": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
-# LAVIS projects/blip2/eval/caption_coco_*_eval.yaml (COCO) and caption_nocaps_*_eval.yaml (NoCaps).
-CAPTION_SETTINGS = {
-    "coco_caption": GenerationSettings("a photo of", num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
-    "nocaps": GenerationSettings("a photo of", num_beams=5, max_new_tokens=80, min_new_tokens=10, length_penalty=1.0),
+# The defaults, per task and LLM family ("opt", "encoder_decoder" = FlanT5, "decoder_only" = any other), from LAVIS's
+# released eval configs (lavis/projects/blip2/eval/*.yaml) and what they leave to the code they call: the captioning
+# prompt is the evaluated model's (lavis/configs/models/blip2/*.yaml: "a photo of" for the COCO-finetuned OPT, "" for
+# the pretrained FlanT5 the T5 configs name) and the VQA length penalty the default of `predict_answers` (OPT 0, T5 -1).
+# LAVIS has no BLIP-2 config for other decoder-only LLMs, nor for NoCaps with OPT: those follow the paper.
+# docs/evaluation.md lists every value with its file.
+SHORT_ANSWER_PROMPT = "Question: {} Short answer:"
+LAVIS_SETTINGS = {
+    "vqa": {
+        "opt": GenerationSettings(SHORT_ANSWER_PROMPT, length_penalty=0.0),
+        "encoder_decoder": GenerationSettings(SHORT_ANSWER_PROMPT, min_new_tokens=0),
+        "decoder_only": GenerationSettings("Question: {} Answer:"),
+    },
+    "coco_caption": {
+        "opt": GenerationSettings("a photo of", max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
+        "encoder_decoder": GenerationSettings("", max_new_tokens=30, min_new_tokens=7, length_penalty=1.0),
+        "decoder_only": GenerationSettings("a photo of", max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
+    },
+    "nocaps": {
+        "opt": GenerationSettings("a photo of", max_new_tokens=80, min_new_tokens=10, length_penalty=1.0),
+        # The NoCaps configs' keys (annotation_file, img_ids) are read by lavis/tasks/captioning.py from ac8fc98 on,
+        # which passes repetition_penalty (default 1.15) and length_penalty (1.0 here) to `generate`.
+        "encoder_decoder": GenerationSettings(
+            "", max_new_tokens=80, min_new_tokens=9, length_penalty=1.0, repetition_penalty=1.15
+        ),
+        "decoder_only": GenerationSettings("a photo of", max_new_tokens=80, min_new_tokens=10, length_penalty=1.0),
+    },
 }
+# `defaults="lavis"` (the released configs, which produce the released numbers) or "paper" (the paper's text where
+# it differs: VQA prompt "Question: {} Answer:" for decoder-only LLMs, length penalty -1; captions "a photo of").
+DEFAULTS = ("lavis", "paper")
 VQA_TASKS = ("vqav2", "okvqa", "gqa")
 CAPTION_TASKS = ("coco_caption", "nocaps")
 RETRIEVAL_TASKS = ("flickr30k", "coco_retrieval")
@@ -57,10 +88,65 @@ def load_metric(name: str, **kwargs):
     return getattr(metrics, name)(**kwargs)
 
 
-def default_generation_settings(task: str, is_encoder_decoder: bool) -> GenerationSettings:
-    if task in CAPTION_SETTINGS:
-        return CAPTION_SETTINGS[task]
-    return GenerationSettings(VQA_PROMPTS["encoder_decoder" if is_encoder_decoder else "decoder_only"])
+def llm_family(text_config) -> str:
+    """"opt", "encoder_decoder" (FlanT5 and any other encoder-decoder LLM) or "decoder_only" (any other)."""
+    if text_config.model_type == "opt":
+        return "opt"
+    return "encoder_decoder" if text_config.is_encoder_decoder else "decoder_only"
+
+
+def default_generation_settings(task: str, text_config, defaults: str = "lavis") -> GenerationSettings:
+    """The task's prompt, beam search and stop for this LLM, from LAVIS's released configs or the paper's text."""
+    if defaults not in DEFAULTS:
+        raise ValueError(f"defaults is {defaults!r}; expected one of {', '.join(DEFAULTS)}")
+    family = llm_family(text_config)
+    settings = LAVIS_SETTINGS["vqa" if task in VQA_TASKS else task][family]
+    # The stop belongs to the checkpoint (what its LLM was trained to end with), so it is the same under both defaults.
+    settings = replace(settings, end_of_text=default_end_of_text(text_config))
+    if defaults == "paper":
+        if task in VQA_TASKS:
+            prompt = SHORT_ANSWER_PROMPT if family == "encoder_decoder" else "Question: {} Answer:"
+            settings = replace(settings, prompt=prompt, length_penalty=-1.0)
+        else:
+            settings = replace(settings, prompt="a photo of")
+    return settings
+
+
+def generation_settings(task: str, text_config, defaults: str = "lavis", overrides: dict | None = None):
+    """The defaults with the caller's overrides; an `end_of_text` override of "" means the LLM's EOS token."""
+    settings = replace(default_generation_settings(task, text_config, defaults), **(overrides or {}))
+    if settings.end_of_text == "":
+        settings = replace(settings, end_of_text=None)
+    return settings
+
+
+def generate_kwargs(settings: GenerationSettings, tokenizer) -> dict:
+    """The keyword arguments of `model.generate` for these settings; `eos_token_id` when the stop is not the EOS."""
+    kwargs = dict(
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
+        length_penalty=settings.length_penalty,
+        repetition_penalty=settings.repetition_penalty,
+    )
+    if settings.end_of_text is not None:
+        ids = end_of_text_ids(tokenizer, settings.end_of_text)
+        if len(ids) != 1:
+            raise ValueError(
+                f"end_of_text {settings.end_of_text!r} is {len(ids)} tokens {ids} for this tokenizer; generation stops "
+                "at one token: expected a text of one token"
+            )
+        # Only this token stops generation, as LAVIS passes eos_token_id = the id of "\n" alone.
+        kwargs["eos_token_id"] = ids[0]
+    return kwargs
+
+
+def stage2_text_config(config, model_dir, task: str):
+    """The LLM's config of a stage-2 model; an error naming the folder for a stage-1 one."""
+    text_config = getattr(config, "text_config", None)
+    if text_config is None:
+        raise ValueError(f"{model_dir} holds a stage-1 model; {task} needs a stage-2 model with a language model")
+    return text_config
 
 
 def evaluate(
@@ -74,13 +160,16 @@ def evaluate(
     k: int = 128,
     vqa_metric: str = "official",
     generation: dict | None = None,
+    defaults: str = "lavis",
     dtype: str = "float32",
     accelerator: Accelerator | None = None,
 ) -> dict | None:
     """Runs one benchmark; returns the metrics on the main process (None on the others).
 
+    defaults: the generation defaults, "lavis" (LAVIS's released eval configs) or "paper" (the paper's text).
     generation: overrides of the task's `GenerationSettings` (prompt, num_beams, max_new_tokens, min_new_tokens,
-    length_penalty). limit: evaluate only the first `limit` questions/images. k: ITM re-ranking candidates per query.
+    length_penalty, repetition_penalty, end_of_text). limit: evaluate only the first `limit` questions/images. k: ITM
+    re-ranking candidates per query.
     """
     if task not in TASKS:
         raise ValueError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
@@ -91,8 +180,16 @@ def evaluate(
     data = load_task_data(task, data_dir)
     if limit is not None:
         data = limit_task_data(data, limit)
+    settings = None
+    if task not in RETRIEVAL_TASKS:
+        from transformers import AutoConfig
+
+        text_config = stage2_text_config(AutoConfig.from_pretrained(model_dir), model_dir, task)
+        settings = generation_settings(task, text_config, defaults, generation)
+    # The settings in full, not the overrides: shards made under other defaults are not reused.
     run_arguments = dict(task=task, model=str(model_dir), data_dir=str(data_dir), limit=limit, shard_size=shard_size,
-                         k=k if task in RETRIEVAL_TASKS else None, generation=generation, dtype=dtype,
+                         k=k if task in RETRIEVAL_TASKS else None,
+                         generation=None if settings is None else asdict(settings), dtype=dtype,
                          model_files=model_files(model_dir))
     check_resumable(output_dir, run_arguments, accelerator)
 
@@ -100,8 +197,6 @@ def evaluate(
     if task in RETRIEVAL_TASKS:
         rows, metrics = evaluate_retrieval(model, processor, data, output_dir, batch_size, shard_size, k, accelerator)
     else:
-        settings = default_generation_settings(task, model.config.text_config.is_encoder_decoder)
-        settings = replace(settings, **(generation or {}))
         rows = map_shards(
             accelerator,
             output_dir / "shards" / "predictions",
@@ -187,9 +282,7 @@ def load_model_and_processor(task: str, model_dir, dtype: str, device):
             )
     else:
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype)
-        if getattr(model.config, "text_config", None) is None:
-            raise ValueError(f"{model_dir} holds a stage-1 model; {task} needs a stage-2 model with a language model")
-        if not model.config.text_config.is_encoder_decoder:
+        if not stage2_text_config(model.config, model_dir, task).is_encoder_decoder:
             processor.tokenizer.padding_side = "left"  # batched generation continues every prompt from its end
     return model.to(device).eval(), processor
 
@@ -218,13 +311,7 @@ def generate_predictions(model, processor, task, samples, settings, batch_size, 
         inputs = processor(images=load_images(batch), text=prompts, padding=True, return_tensors="pt")
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        generated = model.generate(
-            **inputs,
-            num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
-            min_new_tokens=settings.min_new_tokens,
-            length_penalty=settings.length_penalty,
-        )
+        generated = model.generate(**inputs, **generate_kwargs(settings, processor.tokenizer))
         if not model.config.text_config.is_encoder_decoder:
             generated = generated[:, inputs["input_ids"].shape[1] :]  # a decoder-only LLM returns the prompt too
         texts = [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]
