@@ -10,7 +10,8 @@ from transformers.processing_utils import ProcessingKwargs
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 
-# LAVIS's `max_txt_len` for BLIP-2 pre-training: the length texts are cut to when the tokenizer sets no limit.
+# LAVIS's `max_txt_len` for BLIP-2 pre-training (Blip2Qformer): stage-1 texts are cut to 32 tokens, [CLS] and [SEP]
+# included, whatever the tokenizer's model_max_length (512 for bert-base-uncased).
 BLIP2_MAX_TEXT_LENGTH = 32
 # The placeholder transformers' Blip2Processor adds to the language model's tokenizer; the model replaces the
 # embeddings of these tokens by its projected query outputs.
@@ -24,7 +25,8 @@ class Blip2BridgeProcessor(ProcessorMixin):
     - Stage 1 (`num_query_tokens=None`): `pixel_values` from a [`Blip2BridgeImageProcessor`], and `input_ids` and
       `attention_mask` from the Q-Former's BERT-style tokenizer, which starts every text with [CLS] (the model swaps it
       for [DEC] for image-grounded generation). The Q-Former has no token-type embeddings, so no `token_type_ids` are
-      returned. Texts longer than [`~Blip2BridgeProcessor.max_text_length`] are truncated.
+      returned. Texts longer than [`~Blip2BridgeProcessor.max_text_length`] (32 tokens by default, as the original)
+      are truncated.
     - Stage 2 (`num_query_tokens` set, as for a [`Blip2BridgeForConditionalGeneration`]): the language model's
       tokenizer, with an `<image>` special token added when it has none. With images, every prompt is preceded by
       `num_query_tokens` `<image>` tokens (the model's `config.image_token_id` must be this token's id, see
@@ -38,6 +40,9 @@ class Blip2BridgeProcessor(ProcessorMixin):
             `BlipImageProcessor` when loading a `Blip2Processor`).
         tokenizer: stage 1: the Q-Former's tokenizer, e.g. bert-base-uncased's; stage 2: the language model's.
         num_query_tokens: the model's `config.num_query_tokens` for a stage-2 model; None for stage 1.
+        max_text_length: stage 1: the tokens a text is cut to, [CLS] and [SEP] included (default 32, the original's
+            `max_txt_len`; never more than the tokenizer's `model_max_length`). Saved and loaded with the processor.
+            Stage 2 takes none: its limit is the language model tokenizer's `model_max_length`.
         chat_template: optional Jinja chat template. BLIP-2 models answer plain prompts ("Question: {} Answer:"), so
             none is set by default.
     """
@@ -46,7 +51,15 @@ class Blip2BridgeProcessor(ProcessorMixin):
     # AutoProcessor loads it with trust_remote_code=True where blip2-bridge is not installed.
     _auto_class = "AutoProcessor"
 
-    def __init__(self, image_processor, tokenizer, num_query_tokens: int | None = None, chat_template=None, **kwargs):
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        num_query_tokens: int | None = None,
+        max_text_length: int | None = None,
+        chat_template=None,
+        **kwargs,
+    ):
         if num_query_tokens is None:
             if tokenizer.cls_token is None:
                 raise ValueError(
@@ -62,7 +75,14 @@ class Blip2BridgeProcessor(ProcessorMixin):
             # again keeps its id.
             self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
             tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
+            if max_text_length is not None:
+                raise ValueError(
+                    f"max_text_length={max_text_length} with num_query_tokens set (stage 2); a stage-2 prompt's limit "
+                    "is the language model tokenizer's model_max_length (or max_length per call)"
+                )
         self.num_query_tokens = num_query_tokens
+        if num_query_tokens is None:
+            self.max_text_length = BLIP2_MAX_TEXT_LENGTH if max_text_length is None else max_text_length
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
@@ -80,12 +100,27 @@ class Blip2BridgeProcessor(ProcessorMixin):
     def max_text_length(self) -> int | None:
         """
         Stage 1: texts are truncated to this many tokens, [CLS] and [SEP] included, unless `max_length` says
-        otherwise. Stage 2: the longest input the language model takes, image placeholders included (None: no limit).
+        otherwise: 32 by default (the original's `max_txt_len`), at most the tokenizer's `model_max_length`; settable.
+        Stage 2: the longest input the language model takes, image placeholders included (None: no limit).
         """
         model_max_length = self.tokenizer.model_max_length
         if model_max_length is None or model_max_length >= VERY_LARGE_INTEGER:  # transformers' "no limit set"
-            return None if self.is_stage2 else BLIP2_MAX_TEXT_LENGTH
-        return model_max_length
+            model_max_length = None
+        if self.is_stage2:
+            return model_max_length
+        stage1_length = self.__dict__["max_text_length"]
+        return stage1_length if model_max_length is None else min(stage1_length, model_max_length)
+
+    @max_text_length.setter
+    def max_text_length(self, value: int):
+        if self.is_stage2:
+            raise ValueError(
+                "max_text_length is set for stage 1; a stage-2 processor reads its tokenizer's model_max_length"
+            )
+        if not isinstance(value, int) or value < 2:
+            raise ValueError(f"max_text_length is {value!r}; expected an integer of at least 2 ([CLS] and [SEP])")
+        # Kept in the instance's __dict__, where ProcessorMixin.to_dict finds what save_pretrained writes.
+        self.__dict__["max_text_length"] = value
 
     @property
     def unused_input_names(self) -> list[str]:

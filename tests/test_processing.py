@@ -429,7 +429,7 @@ def test_long_text_is_truncated_to_max_length_keeping_sep_last(processor):
     long_caption = "a cat sitting on a red sofa " * 20
     sep = processor.tokenizer.sep_token_id
 
-    # The test tokenizer sets no model_max_length, so BLIP-2's max_txt_len of 32 applies.
+    # BLIP-2's max_txt_len of 32 applies (tests/test_recipe_training.py: also with a 512-token tokenizer).
     assert processor.max_text_length == 32
     default = processor(text=long_caption)["input_ids"]
     short = processor(text=[long_caption, "a cat"], max_length=8)["input_ids"]
@@ -439,7 +439,7 @@ def test_long_text_is_truncated_to_max_length_keeping_sep_last(processor):
     assert short[0].tolist() == default[0, :7].tolist() + [sep]
 
 
-def test_tokenizer_model_max_length_is_the_default_when_set():
+def test_tokenizer_model_max_length_below_32_caps_the_stage1_length():
     tokenizer = make_bert_tokenizer()
     tokenizer.model_max_length = 12
     processor = Blip2BridgeProcessor(Blip2BridgeImageProcessor(), tokenizer)

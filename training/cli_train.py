@@ -22,6 +22,7 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     HfArgumentParser,
+    SchedulerType,
     set_seed,
 )
 
@@ -30,7 +31,7 @@ from ..hub import explain_missing_folder
 from ..modeling_blip2_bridge import Blip2BridgeModel
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
-from .arguments import Blip2BridgeTrainingArguments
+from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, recipe_values
 from .augmentation import RandomResizedCropAndFlip
 from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
@@ -105,7 +106,13 @@ class DataArguments:
         default=False, metadata={"help": "stream the annotation files' rows too (needs --max_steps)"}
     )
     max_words: int = field(default=DEFAULT_MAX_WORDS, metadata={"help": "captions are cut to this many words"})
-    max_text_length: int = field(default=32, metadata={"help": "stage 2: text tokens per sample (LAVIS max_txt_len)"})
+    max_text_length: int = field(
+        default=32,
+        metadata={
+            "help": "text tokens per sample (LAVIS max_txt_len): stage 1 counts the Q-Former's [CLS] and [SEP], "
+            "stage 2 the LLM's prompt and caption tokens, not the image placeholders"
+        },
+    )
     prompt: str = field(default="", metadata={"help": "stage 2: text before every caption (e.g. 'a photo of')"})
     end_of_text: str | None = field(
         default=None, metadata={"help": "stage 2: text that ends every caption (default the LLM's EOS; OPT: '\\n')"}
@@ -128,22 +135,77 @@ class OneLineErrorArgumentParser(HfArgumentParser):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Blip2BridgeTrainingArguments]:
-    """Reads an optional config file (the first argument, .yaml/.yml/.json) whose values the flags after it override."""
+    """Parses `blip2-bridge train`'s arguments. Later sources override earlier ones: BLIP-2's recipe for the chosen
+    --stage (`training.arguments.recipe_values`: AdamW, wd 0.05, 1e-6 -> 1e-4 -> cosine 1e-5, warm-up and length per
+    stage, no gradient clipping), then an optional config file (the first argument, .yaml/.yml/.json), then the flags.
+    The recipe's values are the parser's defaults, so `--help` shows the values a run will use."""
     parser = OneLineErrorArgumentParser(
         (ModelArguments, DataArguments, Blip2BridgeTrainingArguments), prog="blip2-bridge train"
     )
+    known = {}
+    for action in parser._actions:
+        known.setdefault(action.dest, action)  # a boolean's --no_NAME complement comes second
+    config = {}
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
         config = read_config_file(argv[0])
-        known = {action.dest: action for action in parser._actions}
         unknown = sorted(set(config) - set(known))
         if unknown:
             raise ValueError(f"config file {argv[0]} has unknown keys {unknown}; see blip2-bridge train --help")
-        for name, value in config.items():
-            known[name].default = value
-            known[name].required = False
         argv = argv[1:]
+
+    stage_flag = flag_value(argv, "stage")
+    if stage_flag is None:
+        stage = config.get("stage", ModelArguments.stage)  # recipe_values refuses a bad one by name
+    else:
+        stage = int(stage_flag) if stage_flag in ("1", "2") else ModelArguments.stage  # the parser refuses a bad one
+    add_recipe_help(known)
+    defaults = {**recipe_values(stage), **config}
+    asks_for_epochs = "num_train_epochs" in config or flag_value(argv, "num_train_epochs") is not None
+    if asks_for_epochs and "max_steps" not in config:
+        # The recipe's length is in steps, which the Trainer puts before epochs; asking for epochs drops it.
+        defaults["max_steps"] = -1
+    # On every action of a name: a boolean's --no_NAME complement shares its dest, and argparse reads the first one.
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.required = False
+
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    is_recipe_schedule = training_args.lr_scheduler_type == SchedulerType.COSINE_WARMUP_WITH_MIN_LR
+    if is_recipe_schedule and not training_args.lr_scheduler_kwargs:
+        # As blip2_training_arguments: the warm-up starts at 1e-6 and the decay ends at 1e-5 whatever the peak.
+        training_args.lr_scheduler_kwargs = recipe_scheduler_kwargs(training_args.learning_rate)
     return model_args, data_args, training_args
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of the last `--name VALUE` or `--name=VALUE` in `argv` (or `--na-me`, HfArgumentParser's alias), as
+    argparse would keep it; None if absent."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    value = None
+    for index, argument in enumerate(argv):
+        flag, has_value, attached = argument.partition("=")
+        if flag in spellings:
+            if has_value:
+                value = attached
+            elif index + 1 < len(argv):
+                value = argv[index + 1]
+    return value
+
+
+def add_recipe_help(actions: dict) -> None:
+    """Marks the flags whose default is BLIP-2's recipe, with both stages' values where they differ."""
+    stage1, stage2 = recipe_values(1), recipe_values(2)
+    for name in stage1:
+        if stage1[name] == stage2[name]:
+            note = "BLIP-2 recipe"
+        else:
+            note = f"BLIP-2 recipe: stage 1: {stage1[name]}, stage 2: {stage2[name]}"
+        actions[name].help = f"{actions[name].help or ''} [{note}]".lstrip()
+    actions["lr_scheduler_kwargs"].help += (
+        " [BLIP-2 recipe with cosine_warmup_with_min_lr: {'min_lr': 1e-05, 'warmup_lr_rate': 1e-06 / learning_rate}]"
+    )
+    actions["max_steps"].help += " [-1 when num_train_epochs is given and max_steps is not]"
 
 
 def read_config_file(path: str) -> dict:
@@ -278,7 +340,7 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
     if data_args.augment:
         augmentation = RandomResizedCropAndFlip(image_processor, scale=(data_args.min_crop_scale, 1.0))
     if model_args.stage == 1:
-        processor = Blip2BridgeProcessor(image_processor, tokenizer)
+        processor = Blip2BridgeProcessor(image_processor, tokenizer, max_text_length=data_args.max_text_length)
         collator = ImageCaptionCollator(
             processor,
             image_transform=augmentation,

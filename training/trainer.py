@@ -5,9 +5,14 @@ logs each loss at every logging step; stage 2 trains the queries, Q-Former and l
 LLM. Everything else is the Trainer's own: distributed data parallel, gradient accumulation, checkpoints, resume.
 """
 
+import math
+from functools import partial
+
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from ..modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .arguments import FROZEN_DTYPES, Blip2BridgeTrainingArguments, blip2_training_arguments
@@ -15,10 +20,57 @@ from .arguments import FROZEN_DTYPES, Blip2BridgeTrainingArguments, blip2_traini
 STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_itg")
 
 
-def decays(name: str, parameter: nn.Parameter) -> bool:
-    """The original's weight-decay rule: no decay on 1-d parameters (norms) and biases; everything else decays,
-    the 0-d temperature `temp` and the 3-d query tokens included."""
+def decays(name: str, parameter: nn.Parameter, decay_scalars: bool = True) -> bool:
+    """The weight-decay rule of LAVIS's `Blip2Base.get_optimizer_params` (ViT-g models): no decay on 1-d parameters
+    (norms) and biases; everything else decays, the 0-d temperature `temp` and the 3-d query tokens included.
+    `decay_scalars=False` also exempts 0-d parameters (`temp`), as LAVIS's runner did when BLIP-2 was released
+    (`p.ndim < 2`); docs/training.md gives both sources."""
+    if parameter.ndim == 0:
+        return decay_scalars
     return parameter.ndim != 1 and not name.endswith("bias")
+
+
+def per_epoch_cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    steps_per_epoch: int,
+    min_lr: float,
+    warmup_lr_rate: float,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """The original's learning-rate schedule (LAVIS `LinearWarmupCosineLRScheduler`, lavis/common/optims.py), with
+    LAVIS's `cur_epoch` and `cur_step` read from the optimiser step `s`:
+
+    - first epoch (`s < steps_per_epoch`): `min(peak, start + (peak - start) * s / num_warmup_steps)`, a linear
+      warm-up from `start = warmup_lr_rate * peak` that holds the peak for the rest of the epoch;
+    - epoch `e >= 1`: `min_lr + (peak - min_lr) * (1 + cos(pi * e / E)) / 2` for the whole epoch, `E` the number of
+      epochs (the last epoch stays above `min_lr`, as in the original).
+
+    `peak` is each parameter group's initial learning rate; `min_lr` and `warmup_lr_rate` are read as transformers'
+    `cosine_warmup_with_min_lr` reads them, so the recipe's `lr_scheduler_kwargs` serve both schedules.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch is {steps_per_epoch}; expected at least 1 optimiser step per epoch")
+    lr_lambda = partial(
+        _per_epoch_cosine_factor,
+        num_warmup_steps=num_warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=math.ceil(num_training_steps / steps_per_epoch),
+        min_lr_rate=min_lr / optimizer.defaults["lr"],
+        warmup_lr_rate=warmup_lr_rate,
+    )
+    return LambdaLR(optimizer, lr_lambda, last_epoch)
+
+
+def _per_epoch_cosine_factor(
+    step: int, *, num_warmup_steps: int, steps_per_epoch: int, num_epochs: int, min_lr_rate: float,
+    warmup_lr_rate: float,
+) -> float:
+    epoch = step // steps_per_epoch
+    if epoch == 0:
+        return min(1.0, warmup_lr_rate + (1.0 - warmup_lr_rate) * step / max(num_warmup_steps, 1))
+    return min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + math.cos(math.pi * epoch / num_epochs))
 
 
 def find_bridge_model(model: nn.Module) -> nn.Module | None:
@@ -68,7 +120,8 @@ class Blip2BridgeTrainer(Trainer):
     - Stage 1 logs `loss_itc`, `loss_itm` and `loss_itg` next to `loss`, each averaged over the logging window (and
       over processes) as the Trainer averages `loss`.
     - With `Blip2BridgeTrainingArguments`: `frozen_dtype` casts the frozen encoder and LLM (trainable weights stay
-      float32) and `frozen_modules_eval` keeps them in eval mode while training.
+      float32), `frozen_modules_eval` keeps them in eval mode while training, and `cosine_decay_per_epoch` selects
+      the original's epoch-wise cosine (`per_epoch_cosine_schedule`).
 
     Plain `TrainingArguments` work too (no cast; frozen modules kept in eval mode). For the paper's hyper-parameters
     build the arguments with `blip2_training_arguments(stage, output_dir)`.
@@ -83,11 +136,42 @@ class Blip2BridgeTrainer(Trainer):
         self.can_return_loss = True
         self._stage1_loss_sums: dict[str, torch.Tensor] = {}
         self._stage1_loss_count = 0
+        self._update_steps_per_epoch: int | None = None
 
     # ---- optimiser ------------------------------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        return [name for name, parameter in model.named_parameters() if decays(name, parameter)]
+        decay_scalars = getattr(self.args, "decay_scalar_parameters", True)
+        return [name for name, parameter in model.named_parameters() if decays(name, parameter, decay_scalars)]
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # The epoch length the per-epoch schedule needs; known only here, before the scheduler is created.
+        self._update_steps_per_epoch = values[1] if has_length(dataloader) else None
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None and getattr(self.args, "cosine_decay_per_epoch", False):
+            if self._update_steps_per_epoch is None:
+                raise ValueError(
+                    "cosine_decay_per_epoch needs epochs: a training set with a length (streamed data has none); "
+                    "train with the per-step cosine (cosine_decay_per_epoch=False) instead"
+                )
+            kwargs = self.args.lr_scheduler_kwargs or {}
+            if set(kwargs) != {"min_lr", "warmup_lr_rate"}:
+                raise ValueError(
+                    f"cosine_decay_per_epoch with lr_scheduler_kwargs={kwargs}; expected min_lr and warmup_lr_rate "
+                    "(blip2_training_arguments sets both)"
+                )
+            self.lr_scheduler = per_epoch_cosine_schedule(
+                self.optimizer if optimizer is None else optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                steps_per_epoch=self._update_steps_per_epoch,
+                **kwargs,
+            )
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     # ---- loss -----------------------------------------------------------------------------------------------------
 
@@ -152,5 +236,6 @@ __all__ = [
     "cast_for_training",
     "decays",
     "frozen_submodules",
+    "per_epoch_cosine_schedule",
     "training_stage",
 ]
