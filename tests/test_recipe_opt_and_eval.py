@@ -9,7 +9,8 @@ from transformers import LlamaConfig, OPTConfig, T5Config
 
 from modeling_blip2 import Blip2BridgeImageProcessor
 from modeling_blip2.evaluation import runner
-from modeling_blip2.training.collators import CaptionLMCollator, VQACollator, default_end_of_text
+from modeling_blip2.processing.end_of_text import default_end_of_text
+from modeling_blip2.training.collators import CaptionLMCollator, VQACollator
 from tests.helpers import make_llm_tokenizer
 from tests.tiny_models import tiny_stage2
 
@@ -167,3 +168,19 @@ def test_t5_min_new_tokens_equal_lavis_min_length_which_counts_the_decoder_start
     assert torch.equal(ours, lavis)
     assert ours.shape[1] == 1 + 7 + 1  # decoder start, 7 tokens, EOS
     assert ours[:, -1].tolist() == [eos, eos]
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_train_command_ends_opt_captions_with_newline_and_others_with_eos(kind):
+    from modeling_blip2.training.cli_train import make_collator, parse_arguments
+
+    model, processor = tiny_stage2(kind)
+    model_args, data_args, _ = parse_arguments(["--stage", "2", "--output_dir", "unused", "--image_folder", "unused"])
+    collator, _ = make_collator(model_args, data_args, model, processor.tokenizer, processor.image_processor, None)
+    expected = [newline_id(processor.tokenizer)] if kind == "opt" else [processor.tokenizer.eos_token_id]
+    assert collator.end_of_text_ids == expected
+    model_args, data_args, _ = parse_arguments(
+        ["--stage", "2", "--output_dir", "unused", "--image_folder", "unused", "--end_of_text", "</s>"]
+    )
+    collator, _ = make_collator(model_args, data_args, model, processor.tokenizer, processor.image_processor, None)
+    assert collator.end_of_text_ids == [processor.tokenizer.convert_tokens_to_ids("</s>")]

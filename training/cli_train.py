@@ -28,6 +28,7 @@ from transformers import (
 
 from .. import builders
 from ..hub import explain_missing_folder
+from ..processing.end_of_text import default_end_of_text
 from ..modeling_blip2_bridge import Blip2BridgeModel
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
@@ -115,7 +116,9 @@ class DataArguments:
     )
     prompt: str = field(default="", metadata={"help": "stage 2: text before every caption (e.g. 'a photo of')"})
     end_of_text: str | None = field(
-        default=None, metadata={"help": "stage 2: text that ends every caption (default the LLM's EOS; OPT: '\\n')"}
+        default=None,
+        metadata={"help": "stage 2: text that ends every caption (default: '\\n' for OPT, as the original; the LLM's EOS "
+                  "otherwise; '</s>' gives OPT's EOS)"},
     )
     split_captions: bool = field(
         default=False, metadata={"help": "stage 2, encoder-decoder LLM: prefix LM on captions split at a random word"}
@@ -360,7 +363,7 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
         split_captions=data_args.split_captions,
         max_words=data_args.max_words,
         max_length=data_args.max_text_length,
-        end_of_text=data_args.end_of_text,
+        end_of_text=default_end_of_text(text_config) if data_args.end_of_text is None else data_args.end_of_text,
         image_transform=augmentation,
         skipped=skipped,
     )

@@ -29,6 +29,7 @@ import torch
 from transformers import AddedToken, PreTrainedTokenizerBase
 
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from ..processing.end_of_text import end_of_text_ids
 from .data import (
     DEFAULT_MAX_WORDS,
     SkippedSamples,
@@ -46,30 +47,6 @@ IMAGE_TOKEN = "<image>"
 # LAVIS's `max_txt_len` for stage 2: text tokens (placeholders excluded) per sample.
 DEFAULT_MAX_TEXT_TOKENS = 32
 VQA_PROMPT = "Question: {} Answer:"  # OPT; BLIP-2's FlanT5 models use "Question: {} Short answer:"
-# The text that ends every target, per LLM `model_type`, where it is not the tokenizer's EOS: LAVIS's `Blip2OPT`
-# (lavis/models/blip2_models/blip2_opt.py) appends "\n" to every caption in `forward` and passes the id of "\n" as
-# `eos_token_id` to `generate`; transformers' converted BLIP-2 OPT checkpoints carry it as `text_config.eos_token_id`.
-END_OF_TEXT_BY_MODEL_TYPE = {"opt": "\n"}
-
-
-def default_end_of_text(text_config) -> str | None:
-    """The text that ends a target and stops generation for this LLM: "\n" for OPT, as the original; None (the
-    tokenizer's EOS token) for every other family."""
-    return END_OF_TEXT_BY_MODEL_TYPE.get(getattr(text_config, "model_type", None))
-
-
-def end_of_text_ids(tokenizer: PreTrainedTokenizerBase, end_of_text: str | None) -> list[int]:
-    """The token ids of `end_of_text` (no special tokens added), or the tokenizer's EOS id when it is None."""
-    if end_of_text is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; pass end_of_text")
-        return [tokenizer.eos_token_id]
-    ids = tokenizer(end_of_text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"end_of_text {end_of_text!r} encodes to no token; expected a text such as '\\n'")
-    return ids
-
-
 class ImageCollator:
     """
     Opens and processes the image of every sample, dropping and counting the unreadable ones; the subclasses add the

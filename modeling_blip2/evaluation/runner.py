@@ -17,7 +17,7 @@ from ..processing.image_processing_blip2_bridge import open_image
 from ..retrieval import image_text_matching_scores, rerank_scores, select_candidates
 from ..losses import max_over_queries_similarity
 from ..processing.text_cleaning import pre_caption, pre_question
-from ..training.collators import default_end_of_text, end_of_text_ids
+from ..processing.end_of_text import default_end_of_text, end_of_text_ids
 from .data import TaskData, load_task_data
 from .shards import JSONL, TENSORS, map_shards, write_jsonl
 
