@@ -51,7 +51,7 @@ def build_stage1_model(
     num_query_tokens: int = 32,
     cross_attention_frequency: int = 2,
     embed_dim: int = 256,
-    vision_feature_layer: int | None = -1,
+    vision_feature_layer: int | None = -2,
     **config_kwargs,
 ) -> Blip2BridgeModel:
     """A stage-1 `Blip2BridgeModel` from a pretrained vision encoder and a pretrained BERT.
@@ -63,7 +63,11 @@ def build_stage1_model(
     tokenizer: the Q-Former's tokenizer; modified in place: it gets "[DEC]" as its bos token if it has none, and the
         word embeddings grow to its length. Without one, one row is appended and its id (BERT's vocabulary size, 30522
         for bert-base) is the [DEC] id.
-    num_query_tokens, cross_attention_frequency, embed_dim, vision_feature_layer: as in the paper by default.
+    num_query_tokens, cross_attention_frequency, embed_dim: as in the paper by default.
+    vision_feature_layer: the tower's hidden state the Q-Former reads, before the tower's own final norm. Default -2,
+        the penultimate layer's output, as the original: its EVA ViT-g keeps 39 of 40 blocks (LAVIS eva_vit.py
+        `create_eva_vit_g`, depth=39) and its CLIP ViT-L 23 of 24 (clip_vit.py `create_clip_vit_L`, layers=23).
+        -1 reads the last layer.
     config_kwargs: further `Blip2BridgeConfig` settings (e.g. `initial_temperature`, `freeze_vision_model`).
     """
     if isinstance(vision_model, (str, os.PathLike)):

@@ -485,12 +485,16 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
 
     def _caption_generation_config(self) -> GenerationConfig:
         qformer_config = self.config.qformer_config
-        # The original captions with 3 beams, 10 to 30 tokens; [SEP] ends a caption.
+        # The original's `Blip2Qformer.generate` (LAVIS blip2_qformer.py): 3 beams, min_length=10, max_length=30,
+        # both counting the [DEC] prompt token, as here; [SEP] ends a caption. Its top_p=0.9 applies only to its
+        # nucleus-sampling option (which also sets num_beams=1): generate(do_sample=True, top_p=0.9, num_beams=1).
+        # Set here, top_p would make transformers warn on every beam-search call.
         return GenerationConfig(
             bos_token_id=qformer_config.bos_token_id,
             eos_token_id=qformer_config.sep_token_id,
             pad_token_id=qformer_config.pad_token_id,
             max_length=30,
+            min_length=10,
             num_beams=3,
         )
 

@@ -86,6 +86,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
     # and the Q-Former never reads the vision tower's own final norm. Not a weight to report as missing.
     _keys_to_ignore_on_load_missing = [r"^vision_model\.post_layernorm\."]
     hub_auto_classes = ("AutoModelForImageTextToText",)
+    # Trainer passes `num_items_in_batch` to forward, which normalises the loss by the step's target count: gradient
+    # accumulation and data parallelism then give the token mean of the full batch.
+    accepts_loss_kwargs = True
     hub_custom_pipelines = {"image-to-text": IMAGE_TO_TEXT_PIPELINE}
 
     def __init__(self, config: Blip2BridgeConfig):
@@ -201,6 +204,16 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), image_features)
 
+    def _decoder_input_ids_from_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
+        """The encoder-decoder LLM's decoder inputs for `labels`: the labels shifted right, as the LLM makes them."""
+        prepare = getattr(self.language_model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise ValueError(
+                f"{type(self.language_model).__name__} cannot make decoder_input_ids from labels "
+                "(no prepare_decoder_input_ids_from_labels); pass decoder_input_ids with the labels"
+            )
+        return prepare(labels=labels)
+
     # ---- training and scoring -------------------------------------------------------------------------------------
 
     def forward(
@@ -222,7 +235,11 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
         input_ids: (batch, length) LLM token ids holding `num_query_tokens` placeholders of id `config.image_token_id`
             per row; attention_mask: 1 for real tokens.
         labels: decoder-only LLM: (batch, length) targets aligned with `input_ids` (shifted inside the loss), -100
-            ignored; the image positions never count. Encoder-decoder LLM: the decoder's targets, as T5's `labels`.
+            ignored; the image positions never count. Encoder-decoder LLM: the decoder's targets, as T5's `labels`
+            (decoder_input_ids default to them shifted right).
+        num_items_in_batch (keyword, from `Trainer`): the number of targets in the whole optimiser step; the loss is
+            then this batch's summed token loss divided by it. Trainer counts `labels != -100` (after the first
+            position for a decoder-only LLM): put -100 on the image placeholders, as the training collators do.
         """
         if input_ids is None:
             raise ValueError("input_ids is required: the prompt with its image placeholder tokens")
@@ -235,31 +252,46 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePre
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
+        # Trainer passes the number of target tokens of the whole optimiser step (all accumulated micro-batches, all
+        # processes): the loss is their sum over this micro-batch divided by it, so that accumulated micro-batches
+        # and processes add up to the token mean of the full batch. Without it, the mean over this batch's targets.
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if self.config.text_config.is_encoder_decoder:
+            # The LLM gets no labels: its own loss is a plain mean that ignores num_items_in_batch.
+            if labels is not None and decoder_input_ids is None:
+                decoder_input_ids = self._decoder_input_ids_from_labels(labels)
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
-                labels=labels,
                 return_dict=True,
                 **kwargs,
             )
-            loss, logits = outputs.loss, outputs.logits
+            logits, loss = outputs.logits, None
+            if labels is not None:
+                # The decoder's logit t predicts labels[t]: no shift.
+                loss = self.loss_function(
+                    logits=logits,
+                    labels=None,
+                    shift_labels=labels.to(logits.device),
+                    vocab_size=logits.shape[-1],
+                    num_items_in_batch=num_items_in_batch,
+                )
         else:
-            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
             )
             logits, loss = outputs.logits, None
             if labels is not None:
-                # As transformers' BLIP-2, shorter labels align with the end of the sequence.
+                # As transformers' BLIP-2, shorter labels align with the end of the sequence; logit t predicts
+                # labels[t + 1] (the loss shifts them).
                 labels = labels.to(logits.device)
                 is_image = input_ids[:, -labels.shape[1] :] == self.config.image_token_id
                 loss = self.loss_function(
                     logits=logits[:, -labels.shape[1] :],
                     labels=labels.masked_fill(is_image.to(labels.device), -100),
-                    vocab_size=self.config.text_config.vocab_size,
+                    vocab_size=logits.shape[-1],
                     num_items_in_batch=num_items_in_batch,
                 )
         return Blip2BridgeForConditionalGenerationOutput(

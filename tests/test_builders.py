@@ -196,6 +196,44 @@ def test_vision_weights_are_copied_frozen_and_training_reaches_only_the_qformer(
     assert all(parameter.grad is None for parameter in model.vision_model.parameters())
 
 
+@pytest.mark.parametrize(
+    "make_vision_model",
+    [
+        lambda: CLIPVisionModel(CLIPVisionConfig(**{**TINY_VISION, "num_hidden_layers": 3})),
+        # Blip2VisionConfig's default initializer_range (1e-10) makes every block an identity.
+        lambda: Blip2VisionModel(
+            Blip2VisionConfig(**{**TINY_VISION, "num_hidden_layers": 3, "initializer_range": 0.2})
+        ),
+    ],
+    ids=["clip", "blip2-eva"],
+)
+def test_the_qformer_reads_the_penultimate_vision_layer_by_default_as_the_original(make_vision_model):
+    """The original's towers stop one block short (LAVIS eva_vit.py: 39 of EVA ViT-g's 40 blocks; clip_vit.py: 23 of
+    CLIP ViT-L's 24) and ln_vision normalises that output: hidden_states[-2] of the whole tower."""
+    torch.manual_seed(2)
+    vision_model = make_vision_model().eval()
+    pixel_values = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        hidden_states = vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    assert len(hidden_states) == 4  # the embeddings, then one per block
+
+    model = build_stage1_model(vision_model, tiny_bert(60), num_query_tokens=4, embed_dim=16)
+    with torch.no_grad():  # a non-trivial ln_vision, so that the comparison includes it
+        model.vision_layernorm.weight.uniform_(0.5, 1.5)
+        model.vision_layernorm.bias.normal_(0, 0.1)
+        image_embeds = model(pixel_values=pixel_values).image_embeds
+        penultimate = model.vision_layernorm(hidden_states[-2])
+        last = model.vision_layernorm(hidden_states[-1])
+    assert model.config.vision_feature_layer == -2
+    torch.testing.assert_close(image_embeds, penultimate, rtol=1e-5, atol=1e-5)
+    assert (penultimate - last).abs().max() > 0.1
+
+    last_layer_model = build_stage1_model(vision_model, tiny_bert(60), num_query_tokens=4, vision_feature_layer=-1)
+    last_layer_model.vision_layernorm.load_state_dict(model.vision_layernorm.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(last_layer_model(pixel_values=pixel_values).image_embeds, last, rtol=1e-5, atol=1e-5)
+
+
 def test_paths_are_loaded_from_a_composite_vision_checkpoint_and_a_bert_checkpoint(tmp_path):
     torch.manual_seed(3)
     clip = CLIPModel(
