@@ -4,7 +4,8 @@ The weight names come from `BLIP2_KEY_MAPPING`, the table that loads transformer
 transformers name is mapped to ours with it, so the two directions cannot drift apart. transformers' BLIP-2 fixes two
 things ours leaves open, and models outside them are refused:
 - the vision tower is a `Blip2VisionModel` whose last layer's output passes one LayerNorm (its `post_layernorm`, our
-  `vision_layernorm`): `vision_feature_layer` must be -1;
+  `vision_layernorm`): a model that reads an earlier layer (`vision_feature_layer=-2`, the original's choice) exports
+  the tower cut after that layer, as the original's 39-block EVA ViT-g;
 - the LLM is one `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` builds.
 """
 
@@ -51,10 +52,11 @@ def check_exportable(model: Blip2BridgeForConditionalGeneration) -> None:
             f"the vision tower is a {config.vision_config.model_type!r} model; transformers' BLIP-2 holds a "
             "Blip2VisionModel ('blip_2_vision_model') only"
         )
-    if config.vision_feature_layer != -1:
+    num_layers = config.vision_config.num_hidden_layers
+    if config.vision_feature_layer is None or not -num_layers <= config.vision_feature_layer <= -1:
         raise ValueError(
             f"vision_feature_layer={config.vision_feature_layer}; transformers' BLIP-2 reads the last layer's output "
-            "(vision_feature_layer=-1) through one LayerNorm"
+            f"through one LayerNorm, so the export cuts the tower after the layer read: expected -1 to -{num_layers}"
         )
     text_config_class = type(config.text_config)
     if text_config_class not in MODEL_FOR_CAUSAL_LM_MAPPING and text_config_class not in (
@@ -66,10 +68,15 @@ def check_exportable(model: Blip2BridgeForConditionalGeneration) -> None:
         )
 
 
+def exported_vision_layers(config) -> int:
+    """How many vision layers the export keeps: those up to the one the Q-Former reads (hidden_states[layer])."""
+    return config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer
+
+
 def blip2_config_for(model: Blip2BridgeForConditionalGeneration) -> Blip2Config:
     """transformers' `Blip2Config` of our stage-2 model (the inverse of `config_from_blip2`)."""
     config = model.config
-    vision_config = config.vision_config.to_dict()
+    vision_config = {**config.vision_config.to_dict(), "num_hidden_layers": exported_vision_layers(config)}
     if config.vision_layer_norm_eps != config.vision_config.layer_norm_eps:
         # transformers' post_layernorm takes the vision layers' eps; ours has its own (the original's ln_vision).
         logger.warning(
@@ -109,7 +116,10 @@ def export_to_transformers(
     ours = model.state_dict()
     sources = {name: our_name_for(name) for name in blip2_names}
     missing = sorted(source for source in sources.values() if source not in ours)
-    left_over = sorted(set(ours) - set(sources.values()) - set(UNEXPORTED))
+    kept_layers = exported_vision_layers(model.config)
+    cut_layers = {name for name in ours if (layer := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", name))
+                  and int(layer[1]) >= kept_layers}  # fmt: skip
+    left_over = sorted(set(ours) - set(sources.values()) - set(UNEXPORTED) - cut_layers)
     if missing or left_over:  # a gap in BLIP2_KEY_MAPPING, not in the model
         raise RuntimeError(f"BLIP2_KEY_MAPPING leaves {missing[:3]} without a source and {left_over[:3]} unexported")
 

@@ -293,3 +293,17 @@ def test_stage1_training_streams_webdataset_shards(tmp_path, capsys):
     assert (summary["steps"], summary["samples"], summary["skipped_samples"]) == (2, 5, 3)
     assert summary["skipped_by_reason"] == {"missing file": 0, "corrupt image": 2, "empty image": 1, "bad text": 0}
     assert isinstance(AutoModel.from_pretrained(output_dir), Blip2BridgeModel)
+
+
+def test_random_augment_flag_adds_blips_random_augment_after_crop_and_flip():
+    from modeling_blip2.training.augmentation import RandomAugment
+    from modeling_blip2.training.cli_train import make_collator
+
+    model, tokenizer = Blip2BridgeModel(tiny_config()), make_bert_tokenizer()
+    for flags, expected in (([], type(None)), (["--random_augment"], RandomAugment)):
+        model_args, data_args, _ = parse_arguments(["--output_dir", "unused", "--image_folder", "unused", *flags])
+        collator, _ = make_collator(model_args, data_args, model, tokenizer, Blip2BridgeImageProcessor(), None)
+        random_augment = collator.image_transform.random_augment
+        assert type(random_augment) is expected
+        if random_augment is not None:
+            assert (random_augment.num_ops, random_augment.magnitude) == (2, 5)

@@ -1,4 +1,8 @@
-"""Random resized crop + horizontal flip without torchvision: bounds, determinism, mirroring and output size."""
+"""Random resized crop + horizontal flip without torchvision: bounds, determinism, mirroring and output size; and
+BLIP's RandomAugment (Visual Genome) against LAVIS's own OpenCV-based ops (tests/fixtures/randaugment_lavis.json)."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -6,7 +10,16 @@ import pytest
 import torch
 
 from modeling_blip2 import Blip2BridgeImageProcessor
-from modeling_blip2.training.augmentation import RandomResizedCropAndFlip, random_resized_crop_box
+from modeling_blip2.training.augmentation import (
+    BLIP_RANDOM_AUGMENT_OPS,
+    RANDOM_AUGMENT_OPS,
+    RandomAugment,
+    RandomResizedCropAndFlip,
+    brightness,
+    random_resized_crop_box,
+    translate_x,
+    translate_y,
+)
 
 
 def random_image(width, height, seed=0, mode="RGB"):
@@ -106,3 +119,100 @@ def test_bad_settings_are_refused():
         RandomResizedCropAndFlip(processor, scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="flip_probability is 2"):
         RandomResizedCropAndFlip(processor, flip_probability=2)
+
+
+RANDAUGMENT = json.loads((Path(__file__).parent / "fixtures" / "randaugment_lavis.json").read_text(encoding="utf-8"))
+
+
+def _fixture_array(hex_pixels, shape):
+    return np.frombuffer(bytes.fromhex(hex_pixels), dtype=np.uint8).reshape(shape).copy()
+
+
+FIXTURE_IMAGES = {name: _fixture_array(v["pixels"], v["shape"]) for name, v in RANDAUGMENT["images"].items()}
+
+
+def test_random_augment_ops_equal_lavis_opencv_ops_bit_for_bit():
+    # Every op of BLIP's list at BLIP's level-5 arguments and at others (fractional shifts, odd angles, factors that
+    # blend), on a random and a low-contrast image, as randaugment.py computes them with cv2.
+    checked = set()
+    for case in RANDAUGMENT["ops"]:
+        image = FIXTURE_IMAGES[case["image"]]
+        op = RANDOM_AUGMENT_OPS[case["op"]][0]
+        args = [tuple(a) if isinstance(a, list) else a for a in case["args"]]
+        expected = _fixture_array(case["output"], image.shape)
+        np.testing.assert_array_equal(op(image.copy(), *args), expected, err_msg=f"{case['op']}{case['args']}")
+        checked.add(case["op"])
+    assert checked == set(BLIP_RANDOM_AUGMENT_OPS) and len(RANDAUGMENT["ops"]) == 52
+
+
+def test_random_augment_draws_ops_and_signs_as_lavis_under_the_same_numpy_seed():
+    augment = RandomAugment()  # BLIP's RandomAugment(2, 5) over its ten ops, numpy's global generator
+    image = PIL.Image.fromarray(FIXTURE_IMAGES["random"])
+    changed = 0
+    for case in RANDAUGMENT["random_augment"]:
+        np.random.seed(case["seed"])
+        out = augment(image)
+        assert isinstance(out, PIL.Image.Image)
+        np.testing.assert_array_equal(np.asarray(out), _fixture_array(case["output"], (12, 10, 3)), str(case["seed"]))
+        changed += not np.array_equal(np.asarray(out), FIXTURE_IMAGES["random"])
+    assert 15 < changed < 40  # some seeds apply no op (or Identity, Brightness 1.0, Sharpness 1.0), most change it
+
+
+def test_random_augment_ops_by_hand():
+    image = FIXTURE_IMAGES["random"]
+    # Brightness: values times the factor, truncated.
+    expected = (image.astype(np.float32) * np.float32(0.64)).astype(np.uint8)
+    np.testing.assert_array_equal(brightness(image, 0.64), expected)
+    # A whole-pixel translation moves the content and fills with grey 128; positive offsets move it left / up.
+    shifted = translate_x(image, 3.0)
+    np.testing.assert_array_equal(shifted[:, :7], image[:, 3:])
+    assert (shifted[:, 7:] == 128).all()
+    shifted = translate_y(image, -2.0)
+    np.testing.assert_array_equal(shifted[2:], image[:-2])
+    assert (shifted[:2] == 128).all()
+    # Half a pixel: each value is the mean of two neighbours, rounded half up (OpenCV's fixed point).
+    half = translate_x(image, 0.5).astype(int)
+    np.testing.assert_array_equal(half[:, :9], (image[:, :9].astype(int) + image[:, 1:] + 1) // 2)
+
+
+def test_random_augment_levels_match_lavis_magnitudes():
+    class Draws:  # a stand-in generator returning fixed draws
+        def __init__(self, value):
+            self.value = value
+
+        def random(self):
+            return self.value
+
+    level = 5
+    assert RANDOM_AUGMENT_OPS["Brightness"][1](level, Draws(0.0)) == (1.0,)  # 5 / 10 * 1.8 + 0.1
+    assert RANDOM_AUGMENT_OPS["Sharpness"][1](level, Draws(0.0)) == (1.0,)
+    assert RANDOM_AUGMENT_OPS["ShearX"][1](level, Draws(0.4))[0] == pytest.approx(0.15)
+    assert RANDOM_AUGMENT_OPS["ShearY"][1](level, Draws(0.6))[0] == pytest.approx(-0.15)  # negative when > 0.5
+    assert RANDOM_AUGMENT_OPS["TranslateX"][1](level, Draws(0.6)) == (-5.0, (128, 128, 128))
+    assert RANDOM_AUGMENT_OPS["Rotate"][1](level, Draws(0.4)) == (-15.0, (128, 128, 128))  # negative when < 0.5
+    assert RANDOM_AUGMENT_OPS["Rotate"][1](10, Draws(0.6)) == (30.0, (128, 128, 128))
+
+
+def test_crop_and_flip_applies_random_augment_after_the_flip():
+    processor = Blip2BridgeImageProcessor(size={"height": 12, "width": 10})
+    image = PIL.Image.fromarray(FIXTURE_IMAGES["random"])
+    whole_image = dict(scale=(1.0, 1.0), ratio=(10 / 12, 10 / 12), flip_probability=1.0)
+    # One op, always TranslateX at level 5; its 0.5 application draw and sign come from the seeded RandomState.
+    augment = RandomAugment(num_ops=1, ops=("TranslateX",), random_state=np.random.RandomState(1))
+    transform = RandomResizedCropAndFlip(processor, random_augment=augment, **whole_image)
+    draws = np.random.RandomState(1)
+    draws.choice(["TranslateX"], 1)
+    applied = draws.random() <= 0.5
+    offset = -5.0 if draws.random() > 0.5 else 5.0
+    flipped = np.asarray(image)[:, ::-1]
+    expected = translate_x(flipped, offset) if applied else flipped
+    assert applied
+    torch.testing.assert_close(transform(image), processor(PIL.Image.fromarray(expected))["pixel_values"])
+    assert "random_augment=RandomAugment(num_ops=1, magnitude=5, ops=['TranslateX'])" in repr(transform)
+
+
+def test_random_augment_refuses_unknown_ops_and_levels():
+    with pytest.raises(ValueError, match=r"Unknown RandomAugment ops \['Solarize'\]"):
+        RandomAugment(ops=("Rotate", "Solarize"))
+    with pytest.raises(ValueError, match="magnitude is 11"):
+        RandomAugment(magnitude=11)

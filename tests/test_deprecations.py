@@ -71,7 +71,7 @@ def test_stage1_training_step_and_captioning_raise_no_deprecation():
     pixel_values, input_ids, attention_mask = tiny_batch()
     with no_deprecations():
         model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).loss.backward()
-        model.eval().generate(pixel_values=pixel_values, max_length=6)
+        model.eval().generate(pixel_values=pixel_values, max_length=12)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

@@ -30,7 +30,7 @@ def test_processor_to_loss_to_captions_and_back_from_disk(tmp_path):
     outputs = model(**inputs)
     assert torch.isfinite(outputs.loss) and outputs.loss_itg > 0 and outputs.loss_itc > 0
 
-    generated = model.generate(pixel_values=inputs["pixel_values"], num_beams=1, max_length=6)
+    generated = model.generate(pixel_values=inputs["pixel_values"], num_beams=1, max_length=6, min_length=0)
     assert (generated[:, 0] == tokenizer.bos_token_id).all()
     captions = processor.batch_decode(generated, skip_special_tokens=True)
     assert len(captions) == 2 and all(isinstance(caption, str) for caption in captions)

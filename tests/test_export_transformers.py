@@ -49,6 +49,23 @@ def test_exported_model_loads_in_transformers_with_identical_logits_and_greedy_t
             torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_a_model_reading_the_penultimate_vision_layer_exports_the_tower_cut_after_it(tmp_path):
+    """The original's layout (EVA ViT-g keeps 39 of its 40 blocks): transformers' BLIP-2 gets the blocks read."""
+    ours = random_stage2_model("opt", vision_feature_layer=-2)
+    export_to_transformers(ours, tmp_path)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert theirs.config.vision_config.num_hidden_layers == ours.config.vision_config.num_hidden_layers - 1
+    pixel_values, input_ids, attention_mask = prompts(left_pad=True)
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        actual = theirs(**inputs).logits
+        ours.config.vision_feature_layer = -1  # the last layer: what an uncut export would read
+        reading_the_last_layer = ours(**inputs).logits
+    assert (reading_the_last_layer - expected).abs().max() > 1e-3
+    assert (actual - expected).abs().max() <= 1e-5
+
+
 def test_cli_exports_a_built_stage2_folder_with_its_tokenizer(tmp_path, capsys):
     tokenizer = make_llm_tokenizer("opt")
     stage1 = tiny_model(attn_implementation="sdpa", vision_layer_norm_eps=1e-6)
@@ -81,8 +98,8 @@ def test_models_transformers_cannot_express_are_refused(tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="'clip_vision_model' model; transformers' BLIP-2 holds a Blip2VisionModel"):
         export_to_transformers(Blip2BridgeForConditionalGeneration(clip_config))
-    with pytest.raises(ValueError, match="vision_feature_layer=-2; transformers' BLIP-2 reads the last layer"):
-        export_to_transformers(Blip2BridgeForConditionalGeneration(tiny_stage2_config(vision_feature_layer=-2)))
+    with pytest.raises(ValueError, match=r"vision_feature_layer=None; .* expected -1 to -2"):
+        export_to_transformers(Blip2BridgeForConditionalGeneration(tiny_stage2_config(vision_feature_layer=None)))
     with pytest.raises(ValueError, match="model is a Blip2BridgeModel; only a stage-2"):
         export_to_transformers(tiny_model())
 

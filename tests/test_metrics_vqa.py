@@ -3,7 +3,7 @@
 The oracles below follow the originals line for line (only Python 2 idioms and the progress bar are dropped):
 - `OfficialVQAEval`: GT-Vision-Lab/VQA master, PythonEvaluationTools/vqaEvaluation/vqaEval.py;
 - `LavisVQAEval`: the earlier revision vendored as lavis/common/vqa_tools/vqa_eval.py;
-- `lavis_gqa_accuracy`: lavis/tasks/vqa.py GQATask._report_metrics with inference_method="generate".
+- `lavis_gqa_accuracy`: lavis/tasks/vqa.py GQATask._report_metrics (LAVIS main: prediction and reference normalised).
 Each human answer is a dict with its own answer_id, as in the VQA annotation files: `item != gtAnsDatum` then
 leaves out exactly one answer even when two annotators typed the same string.
 """
@@ -13,6 +13,7 @@ import re
 import pytest
 
 from modeling_blip2.metrics import VQAAccuracy
+from modeling_blip2.metrics.vqa_accuracy import normalize_answer
 
 
 CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't", \
@@ -142,6 +143,8 @@ def lavis_gqa_accuracy(results):
         pred = res["pred_ans"]
         pred = vqa_tool.processPunctuation(pred)
         pred = vqa_tool.processDigitArticle(pred)
+        gt_ans = vqa_tool.processPunctuation(gt_ans)
+        gt_ans = vqa_tool.processDigitArticle(gt_ans)
         vqa_acc = 1 if pred == gt_ans else 0
         acc.append(vqa_acc)
     return sum(acc) / len(acc) * 100, acc
@@ -257,6 +260,8 @@ GQA_CASES = [
     ("white/black", "white black"),
     ("  no ", "no"),
     ("it's", "it's"),
+    ("shirt", "t-shirt"),
+    ("three", "2"),
 ]
 
 
@@ -269,6 +274,18 @@ def test_exact_configuration_equals_lavis_gqa_task():
     assert result["per_question"] == expected_per_question
     assert result["accuracy"] == expected_accuracy
     assert 0 < expected_accuracy < 100
+
+
+def test_exact_configuration_normalises_the_reference_as_the_prediction():
+    # Each pair matches only because the reference is normalised too; against the raw reference all would score 0.
+    predictions = ["t-shirt", "T-Shirt.", "2", "the tennis racket", "yes"]
+    references = [["t-shirt"], ["t-shirt"], ["two"], ["a tennis racket"], ["yes"]]
+    result = VQAAccuracy(config_name="exact").compute(predictions=predictions, references=references)
+    assert result["per_question"] == [1, 1, 1, 1, 1]
+    raw_reference_scores = [float(normalize_answer(p) == r[0]) for p, r in zip(predictions, references)]
+    assert raw_reference_scores == [0, 0, 0, 0, 1]
+    result = VQAAccuracy(config_name="exact").compute(predictions=["t shirt", "shirt"], references=[["t-shirt"]] * 2)
+    assert result["per_question"] == [1, 0] and result["accuracy"] == 50.0
 
 
 def test_bad_configuration_and_inputs_are_named_in_the_error():

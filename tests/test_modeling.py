@@ -355,7 +355,7 @@ def test_cached_decoding_matches_a_full_pass():
 def test_greedy_generate_equals_an_argmax_loop_without_cache():
     model = tiny_model().eval()
     pixel_values, _, _ = tiny_batch(batch_size=2)
-    generated = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_length=6)
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_length=6, min_length=0)
     image_embeds = model.get_image_embeds(pixel_values)
     tokens = torch.full((2, 1), DEC_ID)
     with torch.no_grad():

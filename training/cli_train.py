@@ -33,7 +33,7 @@ from ..modeling_blip2_bridge import Blip2BridgeModel
 from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, recipe_values
-from .augmentation import RandomResizedCropAndFlip
+from .augmentation import RandomAugment, RandomResizedCropAndFlip
 from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
 from .datasets import load_coco_captions, load_image_folder, load_lavis_annotations, load_webdataset
@@ -82,7 +82,9 @@ class ModelArguments:
     )
     num_query_tokens: int = field(default=32, metadata={"help": "queries of a Q-Former built from scratch"})
     vision_feature_layer: int = field(
-        default=-1, metadata={"help": "the vision encoder's hidden layer the Q-Former reads (-2: penultimate)"}
+        default=-2,
+        metadata={"help": "stage 1 from scratch: the vision encoder's hidden layer the Q-Former reads (default the "
+                  "penultimate, as the original's towers; -1 the last)"},
     )
 
 
@@ -128,6 +130,10 @@ class DataArguments:
     )
     augment: bool = field(default=True, metadata={"help": "random resized crop + horizontal flip"})
     min_crop_scale: float = field(default=0.5, metadata={"help": "smallest crop area, as a fraction of the image"})
+    random_augment: bool = field(
+        default=False,
+        metadata={"help": "BLIP's RandomAugment(2, 5) after crop + flip, as the original's configs give Visual Genome"},
+    )
 
 
 class OneLineErrorArgumentParser(HfArgumentParser):
@@ -341,7 +347,11 @@ def load_annotation_file(path: str, image_root: str):
 def make_collator(model_args, data_args, model, tokenizer, image_processor, skipped):
     augmentation = None
     if data_args.augment:
-        augmentation = RandomResizedCropAndFlip(image_processor, scale=(data_args.min_crop_scale, 1.0))
+        augmentation = RandomResizedCropAndFlip(
+            image_processor,
+            scale=(data_args.min_crop_scale, 1.0),
+            random_augment=RandomAugment() if data_args.random_augment else None,
+        )
     if model_args.stage == 1:
         processor = Blip2BridgeProcessor(image_processor, tokenizer, max_text_length=data_args.max_text_length)
         collator = ImageCaptionCollator(

@@ -20,8 +20,8 @@ articles, contractions). Three configurations:
 - "lavis": the earlier revision of `vqaEval.py` that LAVIS vendors (`lavis/common/vqa_tools/vqa_eval.py`) and BLIP-2
   reported its VQAv2 / OK-VQA numbers with. The prediction is always normalised; the human answers only lose
   punctuation, and only when they disagree.
-- "exact": LAVIS's GQA task. One reference answer per question; the prediction is normalised as in "lavis" and must
-  equal the raw reference exactly.
+- "exact": LAVIS's GQA task. One reference answer per question; prediction and reference are both normalised as the
+  "lavis" prediction is, and must then be equal (a reference such as "t-shirt" becomes "t shirt", as the prediction).
 """
 
 _CITATION = """\
@@ -138,7 +138,9 @@ def question_accuracy(prediction: str, answers: list, config_name: str = "offici
     if config_name == "exact":
         if len(answers) != 1:
             raise ValueError(f"The 'exact' configuration takes one reference answer per question; got {len(answers)}.")
-        return 1.0 if normalize_answer(prediction) == answers[0] else 0.0
+        # lavis/tasks/vqa.py GQATask._report_metrics normalises the reference too (LAVIS main); the revision BLIP-2
+        # shipped with compared against the raw reference, so a hyphenated answer such as "t-shirt" could never match.
+        return 1.0 if normalize_answer(prediction) == normalize_answer(answers[0]) else 0.0
     if not answers:
         raise ValueError("A question has no reference answers; expected the human answers (10 for VQAv2).")
     prediction = _strip_whitespace(prediction)

@@ -164,6 +164,7 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         num_query_tokens=settings.num_query_tokens,
         cross_attention_frequency=1,
         embed_dim=64,
+        vision_feature_layer=-1,  # the toy tower was pre-trained to name the grid cells from its last layer
     )
     qformer_processor = Blip2BridgeProcessor(image_processor, qformer_tokenizer)
     test_text = qformer_processor(text=[scene.caption for scene in test_scenes])
