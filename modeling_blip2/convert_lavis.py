@@ -37,6 +37,7 @@ from .builders import add_image_token_to_language_model, assemble_stage2_model, 
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_blip2_bridge import Blip2BridgeModel
 from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from .processing.end_of_text import default_end_of_text, end_of_text_ids
 from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 
 
@@ -670,7 +671,20 @@ def load_lavis_checkpoint(
         state_dict, vision=vision, qformer_config=qformer_config, text_config=language_model.config,
         image_token_id=image_token_id,
     )  # fmt: skip
-    return assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model), tokenizer
+    model = assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model)
+    stop_where_lavis_stops(model, tokenizer)
+    return model, tokenizer
+
+
+def stop_where_lavis_stops(model, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """OPT generation ends at "\n" in LAVIS (`Blip2OPT.generate`): the converted model's LLM stops there too, as
+    transformers' own conversion of these checkpoints does (its OPT `text_config.eos_token_id` is the "\n" id)."""
+    end_of_text = default_end_of_text(model.config.text_config)
+    if end_of_text is None or tokenizer is None:
+        return
+    (stop_id,) = end_of_text_ids(tokenizer, end_of_text)
+    model.config.text_config.eos_token_id = stop_id
+    model.language_model.generation_config.eos_token_id = stop_id
 
 
 def lavis_language_model(

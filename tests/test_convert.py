@@ -559,6 +559,9 @@ def test_cli_converts_a_lavis_stage2_checkpoint_with_its_language_model_and_repr
     assert model.config.text_config.model_type == name
     if name == "t5":
         assert model.config.text_config.dense_act_fn == "gelu"
+    # Generation ends where LAVIS's does: "\n" for OPT, the EOS for T5; saved and loaded with the folder.
+    stop_id = tokenizer("\n", add_special_tokens=False).input_ids[0] if name == "opt" else tokenizer.eos_token_id
+    assert model.config.text_config.eos_token_id == model.language_model.generation_config.eos_token_id == stop_id
     torch.testing.assert_close(model.language_projection.weight, state_dict[f"{LAVIS_PROJECTIONS[name]}.weight"])
     assert torch.equal(model.query_tokens, state_dict["query_tokens"])
 
