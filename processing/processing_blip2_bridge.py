@@ -190,6 +190,11 @@ class Blip2BridgeProcessor(ProcessorMixin):
         num_placeholders = self.num_query_tokens if with_images else 0
         truncation = False if truncation is None else truncation
         if max_length is not None:
+            if max_length < num_placeholders + 1:
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for text after the {num_placeholders} image placeholders; "
+                    f"expected at least {num_placeholders + 1} (max_length counts the placeholders)"
+                )
             # As transformers' Blip2Processor, max_length counts the placeholders, which are never truncated.
             text_kwargs["max_length"] = max_length - num_placeholders
         text_encoding = self.tokenizer(texts, truncation=truncation, **text_kwargs)

@@ -209,3 +209,16 @@ def test_llm_tokenizer_without_num_query_tokens_is_refused_naming_the_fix():
         Blip2BridgeProcessor(Blip2BridgeImageProcessor(), make_llm_tokenizer("opt"))
     with pytest.raises(ValueError, match=r"num_query_tokens is 0; expected a positive integer or None"):
         Blip2BridgeProcessor(Blip2BridgeImageProcessor(), make_llm_tokenizer("opt"), num_query_tokens=0)
+
+
+@pytest.mark.parametrize("max_length", [-1, 3, 4])
+def test_max_length_without_room_after_the_placeholders_is_refused_naming_both(max_length):
+    from tests.tiny_models import tiny_stage2
+
+    _, processor = tiny_stage2("opt")  # 4 image placeholders
+    image = PIL.Image.new("RGB", (28, 28), "red")
+    refusal = rf"max_length={max_length} leaves no room .* 4 image placeholders; expected at least 5"
+    with pytest.raises(ValueError, match=refusal):
+        processor(images=image, text="a photo of", max_length=max_length, truncation=True)
+    truncated = processor(images=image, text="a photo of", max_length=5, truncation=True)
+    assert truncated["input_ids"].shape == (1, 5)
