@@ -38,6 +38,9 @@ class Blip2BridgeTrainingArguments(TrainingArguments):
         cosine: the linear warm-up runs within the first epoch, then the cosine steps once per epoch toward `min_lr`
         and holds within each epoch (see `training.trainer.per_epoch_cosine_schedule`). Applies to
         `lr_scheduler_type="cosine_warmup_with_min_lr"` (the recipe's) and needs a training set with a length.
+    overwrite_output_dir: let `blip2-bridge train` start from scratch in an `output_dir` that holds an earlier run's
+        checkpoints or model, deleting its checkpoint-* folders first (transformers 5 dropped TrainingArguments' field
+        of this name). Without it such a run is refused unless it resumes (`resume_from_checkpoint`, e.g. "latest").
     """
 
     frozen_dtype: str | None = field(
@@ -60,6 +63,13 @@ class Blip2BridgeTrainingArguments(TrainingArguments):
         metadata={
             "help": "the original's (LAVIS) schedule: warm-up within the first epoch, then the cosine of "
             "cosine_warmup_with_min_lr steps once per epoch instead of once per optimiser step"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "blip2-bridge train: train from scratch over an earlier run in output_dir, deleting its "
+            "checkpoint-* folders first (without it, such a run is refused unless --resume_from_checkpoint is given)"
         },
     )
 

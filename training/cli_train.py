@@ -12,6 +12,7 @@ The arguments are three dataclasses read by transformers' `HfArgumentParser`: `M
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from .augmentation import RandomAugment, RandomResizedCropAndFlip
 from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
 from .datasets import load_coco_captions, load_image_folder, load_lavis_annotations, load_webdataset
-from .trainer import Blip2BridgeTrainer
+from .trainer import LATEST_CHECKPOINT, Blip2BridgeTrainer, checkpoint_folders, resolve_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Bli
     else:
         stage = int(stage_flag) if stage_flag in ("1", "2") else ModelArguments.stage  # the parser refuses a bad one
     add_recipe_help(known)
+    known["resume_from_checkpoint"].help = (
+        f"a checkpoint folder; {LATEST_CHECKPOINT}: the newest complete checkpoint-* in output_dir (incomplete ones "
+        "skipped), or a fresh start if there is none; True: the same, an error if there is none"
+    )
     defaults = {**recipe_values(stage), **config}
     asks_for_epochs = "num_train_epochs" in config or flag_value(argv, "num_train_epochs") is not None
     if asks_for_epochs and "max_steps" not in config:
@@ -395,12 +400,47 @@ def make_trainer(model, training_args, train_dataset, data_collator, processing_
 # ---- the command ------------------------------------------------------------------------------------------------
 
 
+def checkpoint_to_resume(training_args: Blip2BridgeTrainingArguments) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names (`training.trainer.resolve_checkpoint`; "True" read as
+    True), None to start from scratch; refuses to start from scratch over an earlier run in `--output_dir` (its
+    checkpoint-* folders or its model) unless `--overwrite_output_dir`, which first deletes the earlier run's
+    checkpoints so that a later "latest" cannot pick one of them up."""
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"  # HfArgumentParser reads the field as a string
+    output_dir = Path(training_args.output_dir)
+    checkpoints = checkpoint_folders(output_dir)
+    earlier_run = [path.name for path in reversed(checkpoints)]
+    if (output_dir / SUMMARY_FILE).is_file():
+        earlier_run.append(SUMMARY_FILE)
+    if earlier_run and training_args.overwrite_output_dir and resume in (None, False):
+        if checkpoints and training_args.process_index == 0:
+            names = ", ".join(path.name for path in reversed(checkpoints))
+            logger.warning(f"--overwrite_output_dir: deleting the earlier run's {names} in {output_dir}")
+            for folder in checkpoints:
+                shutil.rmtree(folder)
+        return None
+    checkpoint = resolve_checkpoint(resume, output_dir)
+    if earlier_run and checkpoint is None and not training_args.overwrite_output_dir:
+        found = f"{output_dir} holds an earlier run ({', '.join(earlier_run)})"
+        if resume in (None, False):
+            raise ValueError(
+                f"{found}; pass --resume_from_checkpoint {LATEST_CHECKPOINT} to continue it from its newest complete "
+                "checkpoint, or --overwrite_output_dir to train from scratch over it"
+            )
+        raise ValueError(
+            f"{found} but no complete checkpoint to resume; pass --overwrite_output_dir to train from scratch over it"
+        )
+    return checkpoint
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: Blip2BridgeTrainingArguments) -> dict:
     """Trains, saves the model (and its processor) to `output_dir`, and returns the summary it also writes there."""
     if training_args.output_dir is None:
         raise ValueError("--output_dir is required: the folder the trained model is written to")
     # The collators read the raw columns (image, caption, ...), which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
+    checkpoint = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -413,7 +453,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: B
     collator, processing_class = make_collator(model_args, data_args, model, tokenizer, image_processor, skipped)
 
     trainer = make_trainer(model, training_args, train_dataset, collator, processing_class)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -431,6 +471,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: B
         "final_losses": final_losses(trainer.state.log_history),
         "mean_train_loss": result.training_loss,
         "output_dir": str(Path(training_args.output_dir).resolve()),
+        # samples, skipped samples and mean_train_loss count this invocation's steps only
+        "resumed_from": None if checkpoint is None else str(Path(checkpoint).resolve()),
     }
     if trainer.is_world_process_zero():
         Path(training_args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -456,6 +498,9 @@ def format_summary(summary: dict) -> str:
         f"  final losses: {losses or 'none logged'}; mean training loss {summary['mean_train_loss']:.4f}",
         f"  model written to {summary['output_dir']}",
     ]
+    if summary["resumed_from"] is not None:
+        resumed = f"  resumed from {summary['resumed_from']} (samples and the mean loss count the steps after it)"
+        lines.insert(1, resumed)
     return "\n".join(lines)
 
 

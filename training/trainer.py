@@ -5,17 +5,35 @@ logs each loss at every logging step; stage 2 trains the queries, Q-Former and l
 LLM. Everything else is the Trainer's own: distributed data parallel, gradient accumulation, checkpoints, resume.
 """
 
+import json
+import logging
 import math
+import os
+import re
+import struct
+import zipfile
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import has_length
+from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from ..modeling_blip2_bridge import Blip2BridgeVisionMixin
 from .arguments import FROZEN_DTYPES, Blip2BridgeTrainingArguments, blip2_training_arguments
+
+logger = logging.getLogger(__name__)
 
 STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_itg")
 
@@ -112,6 +130,140 @@ def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype) -> nn.Module:
     return model
 
 
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+# `resume_from_checkpoint="latest"`: the newest complete checkpoint in output_dir, or a fresh start if there is none.
+LATEST_CHECKPOINT = "latest"
+# The files `Trainer._load_from_checkpoint` loads weights from.
+WEIGHTS_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME,
+                 ADAPTER_WEIGHTS_NAME)
+# FSDP and DeepSpeed write their weights into sub-folders (pytorch_model_fsdp_0, global_step12).
+WEIGHTS_FOLDER_PREFIXES = (FSDP_MODEL_NAME, "global_step")
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, newest (largest N) first; none if `output_dir` does not exist."""
+    if not os.path.isdir(output_dir):
+        return []
+    folders = [path for path in Path(output_dir).iterdir() if _CHECKPOINT_NAME.match(path.name) and path.is_dir()]
+    return sorted(folders, key=lambda path: int(_CHECKPOINT_NAME.match(path.name).group(1)), reverse=True)
+
+
+def incomplete_checkpoint_reason(folder: str | os.PathLike) -> str | None:
+    """Why the checkpoint in `folder` cannot be resumed from, or None if it is complete.
+
+    The Trainer (`Trainer._save_checkpoint`) writes the weights, then optimiser, scheduler and RNG states, and
+    `trainer_state.json` last, so a save killed half-way leaves no (or a cut) `trainer_state.json`. Checked from the
+    files alone, so checkpoints of any earlier run are judged alike: `trainer_state.json` parses, weights are present,
+    every `.safetensors` file is as long as its header says, every `.pt`/`.pth`/`.bin` (torch.save's zip format) ends
+    with its zip directory, every `.json` parses, and an index's shards all exist."""
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE_NAME
+    if not state_file.is_file():
+        return f"no {TRAINER_STATE_NAME} (the Trainer writes it last: the save did not finish)"
+    names = {path.name for path in folder.iterdir()}
+    has_weights = any(name in names for name in WEIGHTS_FILES) or any(
+        name.startswith(WEIGHTS_FOLDER_PREFIXES) and (folder / name).is_dir() for name in names
+    )
+    if not has_weights:
+        return f"no weights file (expected one of {', '.join(WEIGHTS_FILES)})"
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        problem = _file_problem(path)
+        if problem is not None:
+            return f"{path.name} {problem}"
+        if path.name.endswith(".index.json"):
+            shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
+            missing = sorted(shards - names)
+            if missing:
+                return f"{path.name} lists missing shards {missing}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "is not valid JSON (cut short?)"
+    elif path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+        return "is cut short (no zip directory at its end, as torch.save writes)"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes the header places."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return f"has {size} bytes; expected a safetensors header"
+        (header_length,) = struct.unpack("<Q", prefix)
+        if 8 + header_length > size:
+            return f"has {size} bytes; its header alone needs {8 + header_length}"
+        try:
+            header = json.loads(file.read(header_length))
+        except (ValueError, UnicodeDecodeError):
+            return "has an unreadable safetensors header"
+    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    expected = 8 + header_length + data_end
+    if size != expected:
+        return f"has {size} bytes; its header places tensors up to byte {expected}"
+    return None
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint in `output_dir` (see `incomplete_checkpoint_reason`); each newer, incomplete
+    one is skipped with a warning naming it. None if there is no complete checkpoint."""
+    for folder in checkpoint_folders(output_dir):
+        reason = incomplete_checkpoint_reason(folder)
+        if reason is None:
+            return str(folder)
+        logger.warning(f"skipping incomplete checkpoint {folder}: {reason}")
+    return None
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder `Trainer.train(resume_from_checkpoint=...)` should load, None for a fresh start.
+
+    - True: the newest complete checkpoint in `output_dir`; an error if there is none (the Trainer's meaning of True).
+    - "latest": the same, but a fresh start if `output_dir` has no complete checkpoint, so that one command serves
+      the first run and every restart after a crash.
+    - a folder: itself, refused by name if incomplete.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True or resume_from_checkpoint == LATEST_CHECKPOINT:
+        checkpoint = latest_complete_checkpoint(output_dir)
+        if checkpoint is None and resume_from_checkpoint is True:
+            raise ValueError(
+                f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint-* folder; pass a "
+                f"checkpoint folder, or {LATEST_CHECKPOINT!r} to start from scratch when there is none"
+            )
+        if checkpoint is None:
+            logger.info(f"no complete checkpoint in {output_dir}: training from scratch")
+        else:
+            logger.info(f"resuming from {checkpoint}")
+        return checkpoint
+    if os.path.isdir(resume_from_checkpoint):
+        reason = incomplete_checkpoint_reason(resume_from_checkpoint)
+        if reason is not None:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} is incomplete: {reason}; pass an earlier checkpoint, or "
+                f"{LATEST_CHECKPOINT!r} for the newest complete one"
+            )
+    return resume_from_checkpoint
+
+
+def rng_state_file(args: TrainingArguments) -> str:
+    """The RNG-state file of this process in a checkpoint, as `Trainer._save_rng_state` names it."""
+    return f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth"
+
+
 class Blip2BridgeTrainer(Trainer):
     """A `transformers.Trainer` for BLIP-2's two stages.
 
@@ -137,6 +289,24 @@ class Blip2BridgeTrainer(Trainer):
         self._stage1_loss_sums: dict[str, torch.Tensor] = {}
         self._stage1_loss_count = 0
         self._update_steps_per_epoch: int | None = None
+
+    # ---- resume ---------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint` read by `resolve_checkpoint`: True and "latest" pick the
+        newest complete checkpoint in `output_dir`, skipping (and logging) any a killed save left incomplete."""
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # The Trainer only logs at info level when the file is missing; the run would then draw other ITM negatives,
+        # dropout masks and augmentations than an uninterrupted one.
+        if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, rng_state_file(self.args))):
+            logger.warning(
+                f"{checkpoint} has no {rng_state_file(self.args)}: resuming with the current random state, so random "
+                "draws (ITM negatives, dropout, augmentation) differ from an uninterrupted run"
+            )
+        super()._load_rng_state(checkpoint)
 
     # ---- optimiser ------------------------------------------------------------------------------------------------
 
@@ -236,6 +406,9 @@ __all__ = [
     "cast_for_training",
     "decays",
     "frozen_submodules",
+    "incomplete_checkpoint_reason",
+    "latest_complete_checkpoint",
     "per_epoch_cosine_schedule",
+    "resolve_checkpoint",
     "training_stage",
 ]
