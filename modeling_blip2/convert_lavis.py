@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrained
 
 from .builders import add_image_token_to_language_model, assemble_stage2_model, load_language_model, stage2_config
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
-from .modeling_blip2_bridge import Blip2BridgeModel
+from .modeling_blip2_bridge import Blip2BridgeModel, non_finite_kind
 from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
 from .processing.end_of_text import default_end_of_text, end_of_text_ids
 from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
@@ -282,7 +282,21 @@ def load_lavis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}; expected a tensor")
+        refuse_non_finite_tensor(path, key, value)
     return state_dict
+
+
+def refuse_non_finite_tensor(path: str | os.PathLike, key: str, tensor: torch.Tensor) -> None:
+    """A NaN or inf weight would make every output NaN, and only surface later, far from the checkpoint."""
+    if not tensor.is_floating_point():
+        return
+    finite = torch.isfinite(tensor)
+    if finite.all():
+        return
+    raise ValueError(
+        f"{path}: tensor {key!r} holds {non_finite_kind(tensor)} ({int((~finite).sum())} of {tensor.numel()} "
+        "values); the checkpoint is damaged or was saved after training diverged. Convert one from before that"
+    )
 
 
 def with_vision_weights(

@@ -108,12 +108,43 @@ def image_text_contrastive_loss(
 
 
 @torch.no_grad()
+def has_two_distinct_images(images: torch.Tensor, gathered_image_ids: torch.Tensor | None = None) -> bool:
+    """Whether the batch gathered over all processes holds two different images: ITC and ITM need in-batch negatives.
+
+    With image ids (gathered), distinct ids; without, rows of `images` (pixel_values or image_embeds) that differ in
+    any value (a collator repeating one sample gives identical rows). Every process gets the same answer: one flag
+    per process is gathered, and one row per process only when every process holds a single repeated image.
+    """
+    if gathered_image_ids is not None:
+        return bool((gathered_image_ids != gathered_image_ids[0]).any())
+    repeats_one_image = (images == images[:1]).all().reshape(1).long()
+    if not gather_across_processes(repeats_one_image).all():
+        return True
+    first_images = gather_across_processes(images[:1])
+    return bool((first_images != first_images[:1]).any())
+
+
+@torch.no_grad()
 def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
     """One negative column per row, drawn with probability softmax(similarity) over the non-positive entries.
 
-    One multinomial call for the whole batch: no per-row loop and no host synchronisation. The positives get the
-    original's additive -10000 rather than -inf, so a row whose entries are all positives still draws one.
+    One multinomial call for the whole batch, no per-row loop. The positives get the original's additive -10000
+    rather than -inf; a row whose entries are all positives (the original would draw a positive and label it a
+    negative) or whose similarities are not finite is refused, which costs one host synchronisation.
     """
+    no_negative = positive_mask.all(dim=1)
+    not_finite = ~torch.isfinite(similarity).all(dim=1)
+    if (no_negative | not_finite).any():
+        if not_finite.any():
+            raise ValueError(
+                f"the similarities hold NaN or inf in rows {not_finite.nonzero().flatten().tolist()}; hard negatives "
+                "are drawn from softmax(similarity), which needs finite values"
+            )
+        raise ValueError(
+            f"rows {no_negative.nonzero().flatten().tolist()} of the similarities have no negative: every column is "
+            "a positive of theirs (the same image). Drawing one would train ITM on a positive pair labelled 0; give "
+            "every row at least one other image (a bigger batch or more processes)"
+        )
     weights = F.softmax(similarity.masked_fill(positive_mask, -10000.0), dim=1)
     return torch.multinomial(weights, 1).squeeze(1)
 

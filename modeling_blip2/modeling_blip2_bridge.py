@@ -18,6 +18,7 @@ from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .losses import (
     gather_across_processes,
     gather_text_across_processes,
+    has_two_distinct_images,
     image_grounded_generation_loss,
     image_text_contrastive_loss,
     image_text_matching_loss,
@@ -79,6 +80,90 @@ def build_vision_model(vision_config) -> PreTrainedModel:
     return vision_model_class(vision_config)._from_config(vision_config)
 
 
+def rows_where(flags: torch.Tensor) -> list[int]:
+    return flags.nonzero().flatten().tolist()
+
+
+def non_finite_kind(tensor: torch.Tensor) -> str:
+    kinds = [kind for kind, found in (("NaN", tensor.isnan().any()), ("inf", tensor.isinf().any())) if found]
+    return " and ".join(kinds)
+
+
+def refuse_non_finite_image_embeds(
+    image_embeds: torch.Tensor, pixel_values: torch.Tensor | None, across_processes: bool
+) -> None:
+    """NaN or inf image features would surface far away (the ITM sampler's "probability tensor contains inf/nan")."""
+    rows = image_embeds.flatten(1)
+    flags = torch.stack([rows.isnan().any(dim=1), rows.isinf().any(dim=1)], dim=1).long()
+    world_size, rank = world_size_and_rank()
+    if across_processes:
+        flags = gather_across_processes(flags)
+    if not flags.any():
+        return
+    kind = " and ".join(name for name, found in zip(("NaN", "inf"), flags.any(dim=0).tolist()) if found)
+    where = f"rows {rows_where(flags.any(dim=1))}"
+    if across_processes and world_size > 1:
+        where += (
+            f" of the batch gathered over {world_size} processes ({image_embeds.shape[0]} rows each, this is "
+            f"process {rank})"
+        )
+    if pixel_values is None:
+        hint = "check the image_embeds given (e.g. cached features)"
+    elif not torch.isfinite(pixel_values).all():
+        bad_pixels = ~torch.isfinite(pixel_values.flatten(1)).all(dim=1)
+        hint = (
+            f"pixel_values already hold {non_finite_kind(pixel_values)} in rows {rows_where(bad_pixels)} of this "
+            "process's batch: check the images and their preprocessing"
+        )
+    else:
+        hint = "check pixel_values and the vision tower's weights (vision_model, vision_layernorm)"
+    raise ValueError(f"image_embeds hold {kind} in {where}: {hint}")
+
+
+def refuse_non_finite_similarities(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_feats: torch.Tensor, text_feats: torch.Tensor, temp
+) -> None:
+    """Called after the image features passed: non-finite similarities come from the Q-Former side or `temp`.
+
+    Every process sees every gathered image and text in its similarities, so all of them refuse together.
+    """
+    if (torch.isfinite(sim_i2t).all() & torch.isfinite(sim_t2i).all()).item():
+        return
+    image_rows = rows_where(~torch.isfinite(image_feats.flatten(1)).all(dim=1))
+    text_rows = rows_where(~torch.isfinite(text_feats).all(dim=1))
+    raise ValueError(
+        f"the ITC similarities hold {non_finite_kind(torch.cat([sim_i2t.flatten(), sim_t2i.flatten()]))} (rows "
+        f"{rows_where(~torch.isfinite(sim_i2t).all(dim=1))} of logits_per_image, "
+        f"{rows_where(~torch.isfinite(sim_t2i).all(dim=1))} of logits_per_text) although image_embeds are finite; "
+        f"image_feats are not finite in rows {image_rows}, text_feats in rows {text_rows}, "
+        f"temp = {float(temp.detach()):g}. "
+        "Check the Q-Former, vision_proj, text_proj and temp weights (a diverged step: lower the learning rate; "
+        "fp16 overflow: train in bf16 or fp32)"
+    )
+
+
+def refuse_batch_without_negatives(
+    images: torch.Tensor, gathered_image_ids: torch.Tensor | None, gathered_size: int, world_size: int
+) -> None:
+    """ITC and ITM contrast each pair with the other images of the gathered batch; with one image there are none."""
+    if has_two_distinct_images(images, gathered_image_ids):
+        return
+    if gathered_size == 1:
+        reason = "a batch of 1"
+    elif gathered_image_ids is not None:
+        reason = f"every image_id is {int(gathered_image_ids[0])}"
+    else:
+        reason = f"all {gathered_size} images are identical, e.g. a collator repeating its one readable sample"
+    pairs = f"{gathered_size} pairs" if gathered_size > 1 else "1 pair"
+    processes = f"{world_size} processes" if world_size > 1 else "1 process"
+    raise ValueError(
+        f"the stage-1 losses need at least 2 distinct images in the batch gathered over all processes; this one "
+        f"({pairs} over {processes}) has 1: {reason}. ITC would be 0 and ITM's negatives would be the "
+        "positive pair itself labelled 0. Use a bigger batch or more processes (gradient accumulation adds no "
+        "in-batch negatives); for similarities without the losses pass return_loss=False"
+    )
+
+
 class Blip2BridgeVisionMixin:
     """The frozen image encoder and its LayerNorm, shared by the stage-1 and stage-2 models."""
 
@@ -119,6 +204,8 @@ class Blip2BridgeVisionMixin:
                 f"(batch, {expected_channels}, height, width)"
                 + (" (RGB)" if expected_channels == 3 else "")
             )
+        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected at least one non-empty image")
         tower_options = {}
         if self._vision_takes_interpolate_pos_encoding:
             if interpolate_pos_encoding:
@@ -161,9 +248,10 @@ class Blip2BridgeVisionMixin:
         if pixel_values is not None:
             return self.get_image_embeds(pixel_values)
         width = self.config.qformer_config.encoder_hidden_size
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != width:
+        if image_embeds.dim() != 3 or image_embeds.shape[-1] != width or 0 in image_embeds.shape:
             raise ValueError(
-                f"image_embeds has shape {tuple(image_embeds.shape)}; expected (batch, image_length, {width})"
+                f"image_embeds has shape {tuple(image_embeds.shape)}; expected (batch, image_length, {width}) with at "
+                "least one image of at least one token"
             )
         return image_embeds
 
@@ -330,9 +418,16 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
             drawn as ITM negatives of each other.
         return_loss: compute ITC + ITM + ITG (default: whenever text is given). False stops after the ITC
             similarities.
+
+        The losses need in-batch negatives: a batch gathered over all processes that holds a single image (a batch
+        of 1, one image_id, or identical rows of pixel_values / image_embeds) raises a ValueError, as do NaN or inf
+        image features or similarities (naming the rows).
         """
+        given_images = image_embeds if pixel_values is None else pixel_values
         image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
         batch_size = image_embeds.shape[0]
+        # With text, every process runs the ITC gathers below: the check gathers too, so that all of them refuse.
+        refuse_non_finite_image_embeds(image_embeds, pixel_values, across_processes=input_ids is not None)
         if input_ids is None:
             query_output = self.get_query_output(image_embeds).last_hidden_state
             image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
@@ -363,11 +458,13 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
         text_feats_all = gather_across_processes(text_feats, with_grad=self.config.gather_with_grad)
         sim_i2t = max_over_queries_similarity(image_feats, text_feats_all) / self.temp
         sim_t2i = max_over_queries_similarity(image_feats_all, text_feats).t() / self.temp
+        refuse_non_finite_similarities(sim_i2t, sim_t2i, image_feats, text_feats, self.temp)
+        gathered_image_ids = None if image_ids is None else gather_across_processes(image_ids)
         if image_ids is None:
             targets = torch.arange(batch_size, device=sim_i2t.device) + rank * batch_size
             positive_mask = F.one_hot(targets, num_classes=batch_size * world_size).bool()
         else:
-            positive_mask = image_ids[:, None] == gather_across_processes(image_ids)[None, :]
+            positive_mask = image_ids[:, None] == gathered_image_ids[None, :]
         if not return_loss:
             return Blip2BridgeModelOutput(
                 logits_per_image=sim_i2t,
@@ -377,6 +474,7 @@ class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
                 query_output=query_output,
                 image_embeds=image_embeds,
             )
+        refuse_batch_without_negatives(given_images, gathered_image_ids, batch_size * world_size, world_size)
         loss_itc = image_text_contrastive_loss(sim_i2t, sim_t2i, positive_mask, positive_mask)
 
         # ---- ITM: a hard negative image for each text (drawn first), then a hard negative text for each image ----
