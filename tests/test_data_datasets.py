@@ -204,5 +204,5 @@ def test_bad_annotation_files_are_clear_errors(tmp_path):
     coco_file.write_text(json.dumps({"images": [], "annotations": [{"image_id": 5, "caption": "x"}]}))
     with pytest.raises(ValueError, match="annotations\\[0\\] has image_id 5"):
         load_coco_captions(coco_file, tmp_path)
-    with pytest.raises(ValueError, match="expected a list"):
+    with pytest.raises(ValueError, match="is a COCO-style captions file.*read it with load_coco_captions"):
         load_lavis_annotations(coco_file, tmp_path)

@@ -1,6 +1,8 @@
 """Blip2BridgeImageProcessor and Blip2BridgeProcessor: the output for each kind of input; the inputs refused."""
 
+import base64
 import io
+import re
 
 import numpy as np
 import PIL.Image
@@ -8,7 +10,7 @@ import pytest
 import torch
 from tests.helpers import make_bert_tokenizer
 from transformers import AutoImageProcessor, AutoProcessor
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SizeDict
 
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
 from modeling_blip2.processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
@@ -198,6 +200,20 @@ def test_32_bit_image_beyond_16_bits_is_refused_not_clipped(image_processor):
         image_processor(image)
 
 
+def test_mode_i_image_with_8_bit_values_is_read_as_8_bit(image_processor):
+    # Image.convert("I") and Image.fromarray(int32) keep 8-bit values; reading them as 16-bit made them nearly black.
+    eight_bit = np.array([[255, 128], [40, 0]], dtype=np.uint8)
+    image = PIL.Image.fromarray(eight_bit).convert("I")
+    assert image.mode == "I"
+
+    no_resize = {"do_resize": False, "do_normalize": False}
+    pixel_values = image_processor(image, **no_resize)["pixel_values"]
+
+    assert pixel_values[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    eight_bit_pixel_values = image_processor(PIL.Image.fromarray(eight_bit), **no_resize)["pixel_values"]
+    torch.testing.assert_close(pixel_values, eight_bit_pixel_values, rtol=0, atol=0)
+
+
 def test_float_mode_image_in_unit_range_is_scaled_by_255(image_processor):
     image = PIL.Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
 
@@ -266,6 +282,48 @@ def test_large_image_in_memory_is_resized_to_the_model_size(image_processor):
     np.testing.assert_allclose(solid(image_processor, image), expected_pixel_values((10, 20, 30)), atol=1e-6)
 
 
+def smooth_rgb(height, width) -> np.ndarray:
+    """A photo-like image: smooth gradients with some texture, so that resampling differences show but stay small."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(6 * x + 2 * y), np.cos(4 * y - 3 * x), np.sin(9 * x * y + 1)]
+    return np.rint(np.stack(channels, axis=-1) * 100 + 127).astype(np.uint8)
+
+
+def test_image_far_larger_than_the_target_is_resized_as_pil_does_with_reducing_gap_3():
+    # 8x8 target: from 48 pixels up (2 x 3 x 8), an axis is box-reduced before the bicubic filter.
+    image_processor = Blip2BridgeImageProcessor(size={"height": 8, "width": 8}, do_normalize=False)
+    pixels = smooth_rgb(150, 200)  # reduced by 200 // 24 = 8 across and 150 // 24 = 6 down
+    expected = np.asarray(PIL.Image.fromarray(pixels).resize((8, 8), PIL.Image.BICUBIC, reducing_gap=3))
+    plain_resize = np.asarray(PIL.Image.fromarray(pixels).resize((8, 8), PIL.Image.BICUBIC))
+
+    for image in (PIL.Image.fromarray(pixels), pixels, torch.from_numpy(pixels).permute(2, 0, 1)):
+        pixel_values = image_processor(image)["pixel_values"][0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(pixel_values * 255, expected, atol=1e-3)
+    difference = np.abs(expected.astype(int) - plain_resize)
+    assert difference.max() <= 2 and difference.mean() < 0.5  # 8-bit levels away from the plain resize
+
+
+def test_array_reduced_in_bands_gives_the_pixels_of_the_whole_image():
+    from modeling_blip2.processing.image_processing_blip2_bridge import EarlyResize
+
+    pixels = smooth_rgb(900, 10000)  # factors (416, 37): bands of 37 x 11 rows, the last one partial
+    early_resize = EarlyResize({"do_resize": True, "size": SizeDict(height=8, width=8)})
+    expected = np.asarray(PIL.Image.fromarray(pixels).resize((8, 8), PIL.Image.BICUBIC, reducing_gap=3))
+
+    np.testing.assert_array_equal(early_resize.array(pixels), expected)
+    gray = np.asarray(PIL.Image.fromarray(pixels[..., 0]).resize((8, 8), PIL.Image.BICUBIC, reducing_gap=3))
+    np.testing.assert_array_equal(early_resize.array(pixels[..., :1])[..., 0], gray)
+
+
+def test_image_below_three_times_the_target_is_resized_exactly_as_before(image_processor):
+    pixels = smooth_rgb(480, 640)  # 640 // 672 = 0: no reduction at the default 224x224
+    no_normalize = {"do_normalize": False}
+    plain_resize = np.asarray(PIL.Image.fromarray(pixels).resize((224, 224), PIL.Image.BICUBIC))
+
+    pixel_values = image_processor(PIL.Image.fromarray(pixels), **no_normalize)["pixel_values"][0]
+    np.testing.assert_allclose(pixel_values.permute(1, 2, 0).numpy() * 255, plain_resize, atol=1e-3)
+
+
 # --- refused inputs ------------------------------------------------------------------------------------------------
 
 
@@ -286,6 +344,41 @@ def test_unsupported_channel_count_is_refused_naming_it(image_processor, shape, 
     message = rf"images\[0\] has {channels} channels .*expected 1 \(grayscale\), 3 \(RGB\) or 4 \(RGBA\)"
     with pytest.raises(ValueError, match=message):
         image_processor(np.zeros(shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (4, 20, 3), (3, 30, 4), (1, 8, 1)])
+def test_shape_with_two_possible_channel_axes_is_refused_asking_for_input_data_format(image_processor, shape):
+    message = (
+        re.escape(f"images[0] has shape {shape}, whose first and last axes could both be the channels; ")
+        + r'pass input_data_format="channels_last" \(height, width, channels\) or "channels_first"'
+    )
+    with pytest.raises(ValueError, match=message):
+        image_processor(np.zeros(shape, dtype=np.uint8))
+
+
+def test_red_pixel_and_red_image_stay_red_with_input_data_format(image_processor):
+    no_normalize = {"do_normalize": False, "size": {"height": 2, "width": 2}}
+    red_pixel = np.zeros((1, 1, 3), dtype=np.uint8)
+    red_pixel[..., 0] = 255
+    red_image = np.zeros((4, 20, 3), dtype=np.uint8)
+    red_image[..., 0] = 255
+
+    for image in (red_pixel, red_image, torch.from_numpy(red_image)):
+        pixel_values = image_processor(image, input_data_format="channels_last", **no_normalize)["pixel_values"]
+        assert pixel_values[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    # The same image channels first, named as such.
+    first = image_processor(np.moveaxis(red_image, -1, 0), input_data_format="channels_first", **no_normalize)
+    assert first["pixel_values"][0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_unambiguous_shapes_still_need_no_input_data_format(image_processor):
+    no_normalize = {"do_normalize": False, "size": {"height": 2, "width": 2}}
+    red_last = np.zeros((5, 20, 3), dtype=np.uint8)
+    red_last[..., 0] = 255
+    red_first = np.ascontiguousarray(np.moveaxis(red_last, -1, 0))  # (3, 5, 20)
+
+    for image in (red_last, red_first):
+        assert image_processor(image, **no_normalize)["pixel_values"][0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_array_of_wrong_rank_is_refused_naming_its_shape(image_processor):
@@ -326,6 +419,19 @@ def test_truncated_image_file_is_refused_naming_the_image(image_processor, tmp_p
     # A file opened by the caller decodes only when processed: the error names its place in the batch.
     with pytest.raises(ValueError, match=r"images\[1\] could not be decoded; the file is corrupt or truncated"):
         image_processor([PIL.Image.new("RGB", (8, 8)), PIL.Image.open(path)])
+
+
+def test_missing_image_file_is_reported_as_missing_not_as_bad_base64(image_processor, tmp_path):
+    for path in (str(tmp_path / "cat.jpg"), tmp_path / "cat.jpg", "images/cat", "cats"):  # "cats" is valid base64
+        message = r"image file \S*cats?(\.jpg)? does not exist \(nor is it a URL or a base64"
+        with pytest.raises(ValueError, match=message):
+            image_processor(path)
+    # A base64 string still goes through transformers' load_image.
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    pixel_values = image_processor(encoded, do_normalize=False, size={"height": 2, "width": 2})["pixel_values"]
+    assert pixel_values[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_file_that_is_no_image_is_refused_naming_the_path(image_processor, tmp_path):

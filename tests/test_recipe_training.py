@@ -256,8 +256,3 @@ def test_without_scalar_decay_the_rule_is_the_release_runners_on_every_trainable
     differing = [name for name, p in trainable if decays(name, p) != release_runner_decays(name, p)]
     assert differing == [name for name, p in trainable if p.ndim == 0]
 
-
-@pytest.mark.parametrize("stage, drops", [(1, True), (2, False)])
-def test_stage1_recipe_drops_the_short_last_batch_as_the_original(tmp_path, stage, drops):
-    # A last batch of one image has no in-batch negative; the original's loaders drop it (drop_last=True).
-    assert blip2_training_arguments(stage=stage, output_dir=str(tmp_path)).dataloader_drop_last is drops

@@ -107,9 +107,6 @@ def recipe_values(stage: int) -> dict:
         per_device_train_batch_size=BATCH_SIZES[stage],
         # The collators read raw columns (images, captions) that the model's forward does not take.
         remove_unused_columns=False,
-        # As the original's loaders (drop_last): a short last batch of stage 1 may hold a single image, which has no
-        # in-batch negative for ITC and ITM (the model refuses it).
-        dataloader_drop_last=stage == 1,
     )
 
 

@@ -37,7 +37,7 @@ from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, re
 from .augmentation import RandomAugment, RandomResizedCropAndFlip
 from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
-from .datasets import load_coco_captions, load_image_folder, load_lavis_annotations, load_webdataset
+from .datasets import load_annotation_file, load_image_folder, load_webdataset
 from .trainer import LATEST_CHECKPOINT, Blip2BridgeTrainer, checkpoint_folders, resolve_checkpoint
 
 
@@ -341,12 +341,6 @@ def load_train_dataset(data_args: DataArguments):
         parts = [load_annotation_file(path, data_args.image_root) for path in data_args.annotation_files]
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return dataset.to_iterable_dataset() if data_args.streaming else dataset
-
-
-def load_annotation_file(path: str, image_root: str):
-    with open(path, encoding="utf-8") as file:
-        is_coco_style = file.read(1) == "{"  # LAVIS files are JSON lists
-    return load_coco_captions(path, image_root) if is_coco_style else load_lavis_annotations(path, image_root)
 
 
 def make_collator(model_args, data_args, model, tokenizer, image_processor, skipped):

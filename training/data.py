@@ -8,7 +8,8 @@ import io
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import numpy as np
 import PIL.Image
@@ -18,6 +19,7 @@ from ..processing.text_cleaning import DEFAULT_MAX_WORDS, pre_caption, pre_quest
 
 
 logger = logging.getLogger(__name__)
+Read = TypeVar("Read")
 
 # ---- unreadable samples -----------------------------------------------------------------------------------------
 
@@ -100,12 +102,13 @@ def open_sample_image(image, sample_name: str = "image") -> PIL.Image.Image | np
     if is_empty_file or (isinstance(image, (bytes, bytearray)) and not image):
         raise UnreadableSampleError(f"{sample_name}: the image file is empty (0 bytes)", "empty image")
     try:
-        if isinstance(image, (str, os.PathLike)):
-            image = PIL.Image.open(image)
-        elif isinstance(image, (bytes, bytearray)):
-            image = PIL.Image.open(io.BytesIO(image))
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+            image = PIL.Image.open(image if isinstance(image, (str, os.PathLike)) else io.BytesIO(image))
+            # Decodes the pixels, then turns them upright in place (a returned copy would double the memory).
+            PIL.ImageOps.exif_transpose(image, in_place=True)
+        elif isinstance(image, PIL.Image.Image):
+            image = PIL.ImageOps.exif_transpose(image)  # a copy: the caller's image stays as it is
         if isinstance(image, PIL.Image.Image):
-            image = PIL.ImageOps.exif_transpose(image)  # also decodes the pixels
             image.load()
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         # PIL raises UnidentifiedImageError (an OSError) for unknown data, OSError for truncated data and SyntaxError
@@ -115,6 +118,26 @@ def open_sample_image(image, sample_name: str = "image") -> PIL.Image.Image | np
     if 0 in tuple(size):
         raise UnreadableSampleError(f"{sample_name} has zero size {tuple(size)}", "empty image")
     return image
+
+
+def first_readable_sample(
+    samples: Iterable[Mapping], read: Callable[[Mapping, str], Read], image_column: str = "image"
+) -> Read:
+    """
+    `read(sample, name)` for the first of `samples` (e.g. the whole training dataset) that it does not refuse with
+    `UnreadableSampleError`. A collator whose first batch is all unreadable trains on this sample instead of ending the
+    run; only a dataset with no readable sample at all is an error, naming how many samples were tried and why the
+    first one failed. Samples refused here are not counted in `SkippedSamples`: they are counted when drawn.
+    """
+    tried, first_error = 0, None
+    for index, sample in enumerate(samples):
+        tried += 1
+        try:
+            return read(sample, sample_name(sample, index, image_column))
+        except UnreadableSampleError as error:
+            first_error = first_error or error
+    reason = f"; the first: {first_error}" if first_error else ""
+    raise ValueError(f"no sample of the dataset is readable ({tried} tried){reason}")
 
 
 def sample_name(sample: Mapping, index: int, image_column: str = "image") -> str:
@@ -134,6 +157,7 @@ __all__ = [
     "DEFAULT_MAX_WORDS",
     "SkippedSamples",
     "UnreadableSampleError",
+    "first_readable_sample",
     "open_sample_image",
     "pre_caption",
     "pre_question",
