@@ -274,6 +274,14 @@ def load_lavis_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path} holds pickled objects other than tensors and plain containers. It is read with "
             f"torch.load(weights_only=True), which never runs code from the file, and that refused it: {error}"
         ) from error
+    except (EOFError, RuntimeError, KeyError, IndexError) as error:
+        # What torch.load raises on an empty, truncated or non-checkpoint file ("EOFError", "failed finding central
+        # directory", a KeyError from the legacy reader, ...): none of it says which file or what was expected.
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable PyTorch checkpoint: empty, truncated or another kind of file "
+            f"({type(error).__name__}: {str(error)[:120] or 'no detail'}); expected a LAVIS .pth file"
+        ) from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict):
         raise ValueError(

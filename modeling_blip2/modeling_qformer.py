@@ -304,6 +304,13 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                         f"(max_position_embeddings={self.config.max_position_embeddings}); truncate it"
                     )
                 position_ids = torch.arange(text_length, device=inputs_embeds.device)[None]
+            elif position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+                # Caption generation passes positions step by step; past the table, the lookup would be an IndexError.
+                raise ValueError(
+                    f"text position {int(position_ids.max())} is past the Q-Former's position table "
+                    f"(max_position_embeddings={self.config.max_position_embeddings}); generate at most "
+                    f"{self.config.max_position_embeddings} tokens (max_length or max_new_tokens)"
+                )
             parts.append(inputs_embeds + self.position_embeddings(position_ids))
         return self.dropout(self.layernorm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]))
 

@@ -651,3 +651,18 @@ def test_converting_a_missing_blip2_bridge_folder_names_the_missing_folder(tmp_p
     assert main(["convert", "--from", "blip2-bridge", str(missing), "--to", "transformers", "--output",
                  str(tmp_path / "out")]) == 1  # fmt: skip
     assert f"model folder {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["hello\n", "", "truncated"], ids=["text", "empty", "truncated"])
+def test_a_file_that_is_not_a_readable_checkpoint_is_one_line_naming_it(tmp_path, capsys, content):
+    path = tmp_path / "blip2_pretrained.pth"
+    if content == "truncated":
+        torch.save({"model": {"query_tokens": torch.zeros(1, 4, 8)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text(content)
+    assert main(["convert", "--from", "lavis", str(path), "--output", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint" in error
+    assert not (tmp_path / "out").exists()

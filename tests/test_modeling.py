@@ -454,3 +454,14 @@ def test_interpolated_position_table_reads_larger_images_through_the_towers_own_
     assert image_embeds.shape[1] == 1 + (42 // 14) ** 2  # [CLS] + a 3x3 grid of patches instead of 2x2
     torch.testing.assert_close(image_embeds, model.vision_layernorm(features), rtol=0, atol=0)
     assert torch.isfinite(outputs.loss)
+
+
+def test_captioning_past_the_position_table_is_refused_naming_the_limit():
+    model = tiny_model().eval()
+    pixel_values, _, _ = tiny_batch(batch_size=1)
+    limit = model.config.qformer_config.max_position_embeddings
+    # The last token is predicted from position limit - 1 and never fed back: limit + 1 tokens fit the table.
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, max_length=limit + 1, min_length=limit + 1)
+    assert generated.shape == (1, limit + 1)
+    with pytest.raises(ValueError, match=rf"text position {limit} is past .*max_position_embeddings={limit}"):
+        model.generate(pixel_values=pixel_values, num_beams=1, max_length=limit + 2, min_length=limit + 2)
