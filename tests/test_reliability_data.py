@@ -13,7 +13,7 @@ import pytest
 
 from modeling_blip2 import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from modeling_blip2.training.collators import ImageCaptionCollator
-from modeling_blip2.training.data import UnreadableSampleError, first_readable_sample, open_sample_image
+from modeling_blip2.training.data import open_sample_image
 from modeling_blip2.training.datasets import (
     load_annotation_file,
     load_coco_captions,
@@ -164,37 +164,6 @@ def test_shards_without_images_are_refused_at_load(tmp_path):
     (tmp_path / "text-only.tar").write_bytes(buffer.getvalue())
     with pytest.raises(ValueError, match=r"hold no image files .* in their first samples: \['a'\]"):
         load_webdataset(str(tmp_path / "text-only.tar"))
-
-
-# --- a first batch that is all unreadable --------------------------------------------------------------------------
-
-
-def test_first_readable_sample_walks_past_unreadable_samples(tmp_path):
-    (tmp_path / "good.jpg").write_bytes(jpeg_bytes(0))
-    (tmp_path / "broken.jpg").write_bytes(jpeg_bytes(0)[:100])
-    samples = [{"image": str(tmp_path / name)} for name in ("missing.jpg", "broken.jpg", "good.jpg")]
-
-    names = []
-
-    def read(sample, name):
-        names.append(name)
-        return open_sample_image(sample["image"], name).size
-
-    assert first_readable_sample(samples, read) == (20, 16)
-    assert [name.rsplit("/", 1)[-1] for name in names] == ["missing.jpg", "broken.jpg", "good.jpg"]
-
-
-def test_dataset_without_any_readable_sample_is_an_error_naming_the_first_failure(tmp_path):
-    samples = [{"image": str(tmp_path / f"missing-{index}.jpg")} for index in range(3)]
-
-    def read(sample, name):
-        return open_sample_image(sample["image"], name)
-
-    with pytest.raises(ValueError, match=r"no sample of the dataset is readable \(3 tried\); the first: .*missing-0"):
-        first_readable_sample(samples, read)
-    with pytest.raises(ValueError, match=r"no sample of the dataset is readable \(0 tried\)$"):
-        first_readable_sample([], read)
-    assert issubclass(UnreadableSampleError, ValueError)
 
 
 def test_shard_cut_at_a_header_is_named_too(tmp_path, caplog):

@@ -65,7 +65,7 @@ class ImageCollator:
         self.image_column = image_column
         # Created here, before any DataLoader worker starts, so that the workers' skips reach this process.
         self.skipped = skipped if skipped is not None else SkippedSamples()
-        self._last_good_sample = None
+        self._last_good_batch = None
 
     def prepare_text(self, sample: Mapping):
         """The sample's text in the form `encode` takes; raises `UnreadableSampleError` if it has none."""
@@ -88,16 +88,17 @@ class ImageCollator:
             texts.append(text)
 
         if not kept_samples:
-            # A batch cannot be empty; the step trains on the last readable sample instead of ending the run.
-            if self._last_good_sample is None:
+            # A batch cannot be empty; the step trains on the last readable batch instead of ending the run. A whole
+            # batch, not one sample: stage 1 needs at least two distinct images for its in-batch negatives.
+            if self._last_good_batch is None:
                 raise ValueError(
                     f"every sample of the first batch ({len(samples)}) was unreadable: {self.skipped.summary()}"
                 )
             logger.warning(
-                "every sample of a batch of %d was unreadable; repeating the last readable one", len(samples)
+                "every sample of a batch of %d was unreadable; repeating the last readable batch", len(samples)
             )
-            kept_samples, texts, pixel_values = self._last_good_sample
-        self._last_good_sample = (kept_samples[-1:], texts[-1:], pixel_values[-1:])
+            kept_samples, texts, pixel_values = self._last_good_batch
+        self._last_good_batch = (kept_samples, texts, pixel_values)
         self.skipped.add_used(len(kept_samples))
 
         batch = {"pixel_values": torch.cat(pixel_values)}
@@ -436,8 +437,6 @@ __all__ = [
     "InstructionCollator",
     "LanguageModelingCollator",
     "VQACollator",
-    "default_end_of_text",
-    "end_of_text_ids",
     "image_text_ids",
     "image_token_id",
 ]

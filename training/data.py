@@ -8,8 +8,7 @@ import io
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Mapping
 
 import numpy as np
 import PIL.Image
@@ -19,7 +18,6 @@ from ..processing.text_cleaning import DEFAULT_MAX_WORDS, pre_caption, pre_quest
 
 
 logger = logging.getLogger(__name__)
-Read = TypeVar("Read")
 
 # ---- unreadable samples -----------------------------------------------------------------------------------------
 
@@ -120,26 +118,6 @@ def open_sample_image(image, sample_name: str = "image") -> PIL.Image.Image | np
     return image
 
 
-def first_readable_sample(
-    samples: Iterable[Mapping], read: Callable[[Mapping, str], Read], image_column: str = "image"
-) -> Read:
-    """
-    `read(sample, name)` for the first of `samples` (e.g. the whole training dataset) that it does not refuse with
-    `UnreadableSampleError`. A collator whose first batch is all unreadable trains on this sample instead of ending the
-    run; only a dataset with no readable sample at all is an error, naming how many samples were tried and why the
-    first one failed. Samples refused here are not counted in `SkippedSamples`: they are counted when drawn.
-    """
-    tried, first_error = 0, None
-    for index, sample in enumerate(samples):
-        tried += 1
-        try:
-            return read(sample, sample_name(sample, index, image_column))
-        except UnreadableSampleError as error:
-            first_error = first_error or error
-    reason = f"; the first: {first_error}" if first_error else ""
-    raise ValueError(f"no sample of the dataset is readable ({tried} tried){reason}")
-
-
 def sample_name(sample: Mapping, index: int, image_column: str = "image") -> str:
     """How a warning names a sample: its file, webdataset key or image id, else its position in the batch."""
     image = sample.get(image_column)
@@ -157,7 +135,6 @@ __all__ = [
     "DEFAULT_MAX_WORDS",
     "SkippedSamples",
     "UnreadableSampleError",
-    "first_readable_sample",
     "open_sample_image",
     "pre_caption",
     "pre_question",
