@@ -216,3 +216,19 @@ def test_random_augment_refuses_unknown_ops_and_levels():
         RandomAugment(ops=("Rotate", "Solarize"))
     with pytest.raises(ValueError, match="magnitude is 11"):
         RandomAugment(magnitude=11)
+
+
+def test_a_huge_image_is_reduced_before_cropping_to_one_decoded_copy_of_memory():
+    import tracemalloc
+
+    processor = Blip2BridgeImageProcessor(size={"height": 28, "width": 28})
+    augmentation = RandomResizedCropAndFlip(processor, generator=torch.Generator().manual_seed(0))
+    huge = PIL.Image.new("RGB", (3000, 2000), "red")  # 6 MB decoded; at least 3x28 px is kept per axis
+    tracemalloc.start()
+    pixel_values = augmentation([huge])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pixel_values.shape == (1, 3, 28, 28)
+    assert peak < 2_000_000  # numpy copies of the full image would take 6 MB each
+    red = processor(PIL.Image.new("RGB", (28, 28), "red"))["pixel_values"]
+    torch.testing.assert_close(pixel_values, red, rtol=0, atol=1e-6)

@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 
 from ..processing import Blip2BridgeImageProcessor
+from ..processing.image_processing_blip2_bridge import REDUCING_GAP
 
 
 class RandomResizedCropAndFlip:
@@ -71,6 +72,15 @@ class RandomResizedCropAndFlip:
 
     def augment(self, image, image_name: str = "image") -> PIL.Image.Image:
         """One image (anything the image processor accepts) in, one cropped, resized, maybe flipped RGB image out."""
+        if isinstance(image, PIL.Image.Image) and image.mode in ("RGB", "L"):
+            # A huge image is first box-reduced by whole factors to no less than REDUCING_GAP times the output size,
+            # as the image processor does, so that no full-size copy follows its decoding; a crop of the reduced
+            # image still holds more pixels than the output.
+            output_width, output_height = self.output_size
+            factors = (max(1, image.width // (output_width * REDUCING_GAP)),
+                       max(1, image.height // (output_height * REDUCING_GAP)))  # fmt: skip
+            if factors != (1, 1):
+                image = image.reduce(factors)
         pixels = self.image_processor.process_image(image, do_convert_rgb=True, image_name=image_name)
         image = PIL.Image.fromarray(np.moveaxis(pixels, 0, -1))
         left, top, width, height = random_resized_crop_box(
