@@ -29,7 +29,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 class RandomBatches(Dataset):
-    """`length` copies of one generated sample: throughput does not depend on the values."""
+    """`length` copies of one generated sample, the images shifted by the sample's index: throughput does not depend on
+    the values, but stage 1 refuses a batch of one repeated image (no in-batch negatives)."""
 
     def __init__(self, sample: dict, length: int):
         self.sample, self.length = sample, length
@@ -38,7 +39,10 @@ class RandomBatches(Dataset):
         return self.length
 
     def __getitem__(self, index):
-        return self.sample
+        return {
+            name: value + index if name in ("image_embeds", "pixel_values") else value
+            for name, value in self.sample.items()
+        }
 
 
 class StepTimer(TrainerCallback):
