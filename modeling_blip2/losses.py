@@ -130,16 +130,11 @@ def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor)
 
     One multinomial call for the whole batch, no per-row loop. The positives get the original's additive -10000
     rather than -inf; a row whose entries are all positives (the original would draw a positive and label it a
-    negative) or whose similarities are not finite is refused, which costs one host synchronisation.
+    negative) is refused, which costs one host synchronisation. Non-finite similarities are the caller's to refuse
+    (`Blip2BridgeModel.forward` names where they come from).
     """
     no_negative = positive_mask.all(dim=1)
-    not_finite = ~torch.isfinite(similarity).all(dim=1)
-    if (no_negative | not_finite).any():
-        if not_finite.any():
-            raise ValueError(
-                f"the similarities hold NaN or inf in rows {not_finite.nonzero().flatten().tolist()}; hard negatives "
-                "are drawn from softmax(similarity), which needs finite values"
-            )
+    if no_negative.any():
         raise ValueError(
             f"rows {no_negative.nonzero().flatten().tolist()} of the similarities have no negative: every column is "
             "a positive of theirs (the same image). Drawing one would train ITM on a positive pair labelled 0; give "

@@ -109,15 +109,6 @@ def test_sampler_refuses_rows_whose_every_column_is_a_positive():
     assert set(drawn.tolist()) == {0, 2}
 
 
-def test_sampler_refuses_non_finite_similarities_naming_the_rows():
-    similarity = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [0.0, float("inf")]])
-    with pytest.raises(ValueError, match=r"similarities hold NaN or inf in rows \[1, 2\]"):
-        sample_hard_negatives(similarity, torch.eye(3, 2, dtype=torch.bool))
-
-
-# ---- non-finite values ---------------------------------------------------------------------------------------------
-
-
 def test_nan_pixels_are_refused_naming_their_rows():
     model = tiny_model().train()
     pixel_values, input_ids, attention_mask = tiny_batch(batch_size=4)
