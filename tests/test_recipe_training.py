@@ -16,15 +16,8 @@ from modeling_blip2.training.arguments import Blip2BridgeTrainingArguments
 from modeling_blip2.training.cli_train import parse_arguments
 from modeling_blip2.training.trainer import decays, per_epoch_cosine_schedule
 from tests.helpers import CAPTIONS, make_bert_tokenizer, make_llm_tokenizer
+from tests.trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.trainer_helpers import CaptionedImages, stage1_setup, tiny_stage2_model, tiny_training_arguments
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- item 2: stage-1 text length ------------------------------------------------------------------------------------

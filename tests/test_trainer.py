@@ -13,6 +13,7 @@ from modeling_blip2 import modeling_qformer
 from modeling_blip2.training import accelerate_config_path, blip2_training_arguments, build_trainer
 from modeling_blip2.training.trainer import decays, training_stage
 from tests.transformers_versions import ACTIVATION_CHECKPOINTING_ARGUMENT
+from tests.trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.trainer_helpers import (
     CaptionedImages,
     Stage2Captions,
@@ -23,15 +24,6 @@ from tests.trainer_helpers import (
     tiny_training_arguments,
     trainable_state,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread than on two threads shared with other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stage1_trainer(tmp_path, model=None, collator=None, dataset_size=8, **overrides):

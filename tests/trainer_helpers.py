@@ -2,6 +2,7 @@
 stage-1 processor as collator, tiny stage-1 and stage-2 models and short training arguments."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -20,6 +21,15 @@ from tests.helpers import BERT_SPECIAL_TOKENS, CAPTIONS
 from tests.tiny_models import VISION_CONFIG, tiny_config
 
 IMAGE_SIZE = VISION_CONFIG["image_size"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse in the modules that import it: tiny models run faster on one thread than on two shared threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def caption_image(index: int) -> Image.Image:
