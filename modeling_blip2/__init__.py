@@ -11,8 +11,8 @@ from transformers import (
 
 from .builders import build_stage1_model, build_stage2_model
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
-from .modeling_blip2_bridge import Blip2BridgeModel, Blip2BridgeModelOutput
-from .modeling_blip2_bridge_generation import (
+from .modeling_stage1 import Blip2BridgeModel, Blip2BridgeModelOutput
+from .modeling_stage2 import (
     Blip2BridgeForConditionalGeneration,
     Blip2BridgeForConditionalGenerationOutput,
 )

@@ -30,8 +30,9 @@ from transformers import (
 )
 
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
-from .modeling_blip2_bridge import Blip2BridgeModel, vision_model_class
-from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from .modeling_stage1 import Blip2BridgeModel
+from .modeling_vision import vision_model_class
+from .modeling_stage2 import Blip2BridgeForConditionalGeneration
 from .weight_mapping import BERT_HYPERPARAMETERS, ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 
 

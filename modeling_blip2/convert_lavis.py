@@ -35,8 +35,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrained
 
 from .builders import add_image_token_to_language_model, assemble_stage2_model, load_language_model, stage2_config
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
-from .modeling_blip2_bridge import Blip2BridgeModel, non_finite_kind
-from .modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from .modeling_stage1 import Blip2BridgeModel, non_finite_kind
+from .modeling_stage2 import Blip2BridgeForConditionalGeneration
 from .processing.end_of_text import default_end_of_text, end_of_text_ids
 from .weight_mapping import ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 

@@ -22,7 +22,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-from .modeling_blip2_bridge_generation import BLIP2_KEY_MAPPING, Blip2BridgeForConditionalGeneration
+from .modeling_stage2 import BLIP2_KEY_MAPPING, Blip2BridgeForConditionalGeneration
 from .weight_mapping import BERT_HYPERPARAMETERS
 
 

@@ -37,7 +37,7 @@ def test_saved_folder_holds_flat_code_auto_map_pipeline_and_model_card(tmp_path)
     processor.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
-    generation_class = "modeling_blip2_bridge_generation.Blip2BridgeForConditionalGeneration"
+    generation_class = "modeling_stage2.Blip2BridgeForConditionalGeneration"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_blip2_bridge.Blip2BridgeConfig",
         "AutoModel": generation_class,
@@ -68,8 +68,8 @@ def test_saved_folder_holds_flat_code_auto_map_pipeline_and_model_card(tmp_path)
 def test_stage1_model_card_and_auto_map(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_blip2_bridge.Blip2BridgeModel"
-    assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_blip2_bridge.Blip2BridgeModel"
+    assert config["auto_map"]["AutoModel"] == "modeling_stage1.Blip2BridgeModel"
+    assert config["auto_map"]["AutoModelForPreTraining"] == "modeling_stage1.Blip2BridgeModel"
     assert "custom_pipelines" not in config
     card = (tmp_path / "README.md").read_text()
     assert "- Stage: stage 1" in card and "- Language model: none (stage 1)" in card
@@ -290,7 +290,7 @@ def test_push_to_hub_uploads_a_folder_that_loads_with_identical_outputs(local_hu
 
     assert [commit[0] for commit in local_hub.commits] == ["user/tiny-blip2"] * 2
     uploaded = set(local_hub.commits[0][2])
-    assert {"config.json", "model.safetensors", "README.md", "modeling_blip2_bridge_generation.py"} <= uploaded
+    assert {"config.json", "model.safetensors", "README.md", "modeling_stage2.py"} <= uploaded
     assert {"processor_config.json", "processing_blip2_bridge.py"} <= set(local_hub.commits[1][2])
     card = (pushed / "README.md").read_text()  # the processor's push keeps the model's card
     assert "- Language model: `t5`" in card and "- my-tag" in card
@@ -312,6 +312,6 @@ def test_save_pretrained_with_push_to_hub_uploads_the_code_files_too(local_hub, 
     (tmp_path / "local" / "notes.txt").write_text("not part of the model")
     model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="user/stage1")
     uploaded = set(local_hub.commits[-1][2])
-    assert {"config.json", "README.md", "modeling_blip2_bridge.py", "configuration_blip2_bridge.py"} <= uploaded
+    assert {"config.json", "README.md", "modeling_stage1.py", "configuration_blip2_bridge.py"} <= uploaded
     assert "notes.txt" not in uploaded  # files this save did not write stay local, as with transformers
     assert (local_hub.root / "user/stage1/modeling_qformer.py").exists()

@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForPreTraining
 from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2.compat import CACHE_KEYWORD
 from modeling_blip2.losses import sample_hard_negatives
-from modeling_blip2.modeling_blip2_bridge import Blip2BridgeCaptionDecoder
+from modeling_blip2.modeling_stage1 import Blip2BridgeCaptionDecoder
 from tests.transformers_versions import enable_activation_checkpointing
 from tests.tiny_models import CLS_ID, DEC_ID, VOCAB_SIZE, tiny_batch, tiny_model
 

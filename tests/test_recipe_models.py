@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-import modeling_blip2.modeling_blip2_bridge as stage1_module
+import modeling_blip2.modeling_stage1 as stage1_module
 from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeTrainer
 from tests.test_distributed import free_port
 from tests.test_stage2 import IMAGE_TOKEN_ID, NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-import modeling_blip2.modeling_blip2_bridge as stage1_module
+import modeling_blip2.modeling_stage1 as stage1_module
 from modeling_blip2 import Blip2BridgeTrainer
 from tests.helpers import CAPTIONS
 from tests.test_distributed import free_port

@@ -30,8 +30,8 @@ from transformers import (
 from .. import builders
 from ..hub import explain_missing_folder
 from ..processing.end_of_text import default_end_of_text
-from ..modeling_blip2_bridge import Blip2BridgeModel
-from ..modeling_blip2_bridge_generation import Blip2BridgeForConditionalGeneration
+from ..modeling_stage1 import Blip2BridgeModel
+from ..modeling_stage2 import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, recipe_values
 from .augmentation import RandomAugment, RandomResizedCropAndFlip

@@ -30,7 +30,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from ..modeling_blip2_bridge import Blip2BridgeVisionMixin
+from ..modeling_vision import Blip2BridgeImageQueryModel
 from .arguments import FROZEN_DTYPES, Blip2BridgeTrainingArguments, blip2_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _per_epoch_cosine_factor(
 
 def find_bridge_model(model: nn.Module) -> nn.Module | None:
     """The blip2-bridge model inside `model` (itself, or wrapped by DDP, PEFT, ...); None if there is none."""
-    return next((module for module in model.modules() if isinstance(module, Blip2BridgeVisionMixin)), None)
+    return next((module for module in model.modules() if isinstance(module, Blip2BridgeImageQueryModel)), None)
 
 
 def training_stage(model: nn.Module) -> int:

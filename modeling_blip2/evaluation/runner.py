@@ -268,7 +268,7 @@ def check_resumable(output_dir: Path, run_arguments: dict, accelerator: Accelera
 def load_model_and_processor(task: str, model_dir, dtype: str, device):
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    from ..modeling_blip2_bridge import Blip2BridgeModel
+    from ..modeling_stage1 import Blip2BridgeModel
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):

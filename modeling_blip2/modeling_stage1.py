@@ -1,16 +1,14 @@
 """Stage 1 of BLIP-2: the Q-Former learns to read a frozen image encoder through ITC, ITM and ITG."""
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Blip2VisionConfig, Blip2VisionModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
 from .compat import CACHE_KEYWORD, pop_cache
@@ -28,6 +26,7 @@ from .losses import (
     world_size_and_rank,
 )
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .modeling_vision import Blip2BridgeImageQueryModel
 
 
 @dataclass
@@ -69,15 +68,6 @@ class Blip2BridgeTextPredictionHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.LayerNorm(self.activation(self.dense(hidden_states))))
-
-
-def vision_model_class(vision_config) -> type[PreTrainedModel]:
-    """Any vision tower AutoModel builds; BLIP-2's own (the EVA ViT-g layout) is not in AutoModel's table."""
-    return Blip2VisionModel if isinstance(vision_config, Blip2VisionConfig) else MODEL_MAPPING[type(vision_config)]
-
-
-def build_vision_model(vision_config) -> PreTrainedModel:
-    return vision_model_class(vision_config)._from_config(vision_config)
 
 
 def rows_where(flags: torch.Tensor) -> list[int]:
@@ -164,111 +154,7 @@ def refuse_batch_without_negatives(
     )
 
 
-class Blip2BridgeVisionMixin:
-    """The frozen image encoder and its LayerNorm, shared by the stage-1 and stage-2 models."""
-
-    def _build_vision(self, config: Blip2BridgeConfig):
-        self.vision_model = build_vision_model(config.vision_config)
-        self.vision_layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_layer_norm_eps)
-        self._freeze_frozen_modules()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        # Loading makes fresh parameters, all trainable: freeze again what the config keeps frozen.
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_frozen_modules()
-        return loaded
-
-    def _freeze_frozen_modules(self):
-        if self.config.freeze_vision_model:
-            self.vision_model.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.freeze_vision_model:
-            # A frozen encoder stays in eval mode: no dropout, no drop-path, fixed normalisation statistics.
-            self.vision_model.eval()
-        return self
-
-    def get_image_embeds(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(batch, image_length, vision_width): the vision features after `vision_layernorm`.
-
-        interpolate_pos_encoding: let a tower with a fixed position table (BLIP-2's, CLIP, SigLIP, ViT) read images of
-        another size than `vision_config.image_size`; pass the result to the model as `image_embeds`.
-        """
-        expected_channels = getattr(self.config.vision_config, "num_channels", 3)
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != expected_channels:
-            channels = pixel_values.shape[1] if pixel_values.dim() == 4 else "?"
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)} ({channels} channels); expected "
-                f"(batch, {expected_channels}, height, width)"
-                + (" (RGB)" if expected_channels == 3 else "")
-            )
-        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected at least one non-empty image")
-        tower_options = {}
-        if self._vision_takes_interpolate_pos_encoding:
-            if interpolate_pos_encoding:
-                tower_options["interpolate_pos_encoding"] = True
-            else:
-                self._check_image_size(pixel_values)
-        feature_layer = self.config.vision_feature_layer
-        pixel_values = pixel_values.to(self.vision_model.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_model):
-            outputs = self.vision_model(
-                pixel_values=pixel_values, output_hidden_states=feature_layer is not None, **tower_options
-            )
-        features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
-        return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
-
-    @property
-    def _vision_takes_interpolate_pos_encoding(self) -> bool:
-        """Towers with this option have a position table for `image_size` only (Dinov2 always interpolates)."""
-        return "interpolate_pos_encoding" in inspect.signature(self.vision_model.forward).parameters
-
-    def _check_image_size(self, pixel_values: torch.Tensor):
-        image_size = getattr(self.config.vision_config, "image_size", None)
-        if image_size is None:
-            return
-        expected = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-        if tuple(pixel_values.shape[-2:]) != expected:
-            raise ValueError(
-                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} pixels (height x width); the "
-                f"vision tower expects {expected[0]}x{expected[1]} (vision_config.image_size). Resize the images to "
-                f"that size (the processor saved with the model does: AutoProcessor.from_pretrained(model folder)), "
-                "or compute image_embeds = model.get_image_embeds(pixel_values, interpolate_pos_encoding=True) and "
-                "pass image_embeds instead of pixel_values"
-            )
-
-    def _resolve_image_embeds(
-        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
-    ) -> torch.Tensor:
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("pass exactly one of pixel_values and image_embeds")
-        if pixel_values is not None:
-            return self.get_image_embeds(pixel_values)
-        width = self.config.qformer_config.encoder_hidden_size
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != width or 0 in image_embeds.shape:
-            raise ValueError(
-                f"image_embeds has shape {tuple(image_embeds.shape)}; expected (batch, image_length, {width}) with at "
-                "least one image of at least one token"
-            )
-        return image_embeds
-
-    def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False, image_key_values=None):
-        """Runs the learned queries over the image; returns the Q-Former output (with the queries' cache if asked)."""
-        # Every image starts from the same learned queries: the first self-attention runs once for all of them.
-        first_row = torch.zeros(image_embeds.shape[0], dtype=torch.long, device=image_embeds.device)
-        return self.qformer(
-            query_embeds=self.query_tokens,
-            image_embeds=image_embeds,
-            image_key_values=image_key_values,
-            use_cache=use_cache,
-            input_index=first_row,
-        )
-
-
-class Blip2BridgeModel(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel):
+class Blip2BridgeModel(Blip2BridgeImageQueryModel):
     """BLIP-2 stage 1: vision encoder (frozen), learned queries, Q-Former, ITC projections, ITM head and ITG head.
 
     `forward` returns `loss = loss_itc + loss_itm + loss_itg`, computed as the original implementation does.

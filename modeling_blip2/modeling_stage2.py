@@ -14,8 +14,8 @@ from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig
 from .hub import IMAGE_TO_TEXT_PIPELINE, explain_missing_folder
-from .modeling_blip2_bridge import Blip2BridgeVisionMixin
-from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .modeling_qformer import Blip2BridgeQFormerModel
+from .modeling_vision import Blip2BridgeImageQueryModel
 from .weight_mapping import BERT_HYPERPARAMETERS
 
 # transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
@@ -75,7 +75,7 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
         )
 
 
-class Blip2BridgeForConditionalGeneration(Blip2BridgeVisionMixin, Blip2BridgePreTrainedModel, GenerationMixin):
+class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, GenerationMixin):
     """BLIP-2 stage 2: vision encoder (frozen), queries, Q-Former, language projection and an LLM (frozen by default).
 
     The Q-Former carries no text-side weights (`use_text_input=False`): stage 2 feeds it the queries only.
