@@ -7,6 +7,10 @@ memory is measured alone and both see the same machine conditions.
 
     python benchmarks/stage1_step.py [--steps 8] [--rounds 2] [--text captions|full] [--shapes FILE.json]
 
+Before/after a change, in one run: install the earlier tree beside this one and add it as "baseline",
+    pip install --no-deps --target /tmp/baseline-site <earlier checkout>
+    python benchmarks/stage1_step.py --implementations ours:sdpa,baseline:sdpa --baseline-site /tmp/baseline-site
+
 --text captions (default) pads captions of varied length (a third of text_length to all of it) to text_length, as a
 caption batch is; --text full fills every position with a real token, the worst case for skipping padding.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = REPO / "benchmarks" / "configs" / "stage1_small.json"
+BASELINE_SITE = ""  # --baseline-site: where "baseline" implementations import modeling_blip2 from
 
 
 def make_inputs(shapes: dict, text: str):
@@ -60,6 +65,8 @@ def build_step(implementation: str, shapes: dict, text: str):
             out["loss"].backward()
             model.zero_grad(set_to_none=True)
     else:
+        if implementation.startswith("baseline"):
+            sys.path.insert(0, BASELINE_SITE)  # found before the installed (editable) package
         from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeModel
 
         config = Blip2BridgeConfig(
@@ -103,8 +110,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each implementation")
     parser.add_argument("--implementations", default="original,ours:sdpa,ours:eager")
     parser.add_argument("--text", choices=["captions", "full"], default="captions")
+    parser.add_argument("--baseline-site", default="",
+                        help="a folder holding another modeling_blip2 (pip install --target), run as 'baseline:<attn>'")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BASELINE_SITE
+    BASELINE_SITE = args.baseline_site
+    if "baseline" in args.implementations and not BASELINE_SITE:
+        parser.error("a 'baseline' implementation needs --baseline-site")
     shapes = json.loads(Path(args.shapes).read_text())
 
     if args.worker:
@@ -115,7 +128,7 @@ def main():
     for _ in range(args.rounds):
         for implementation in args.implementations.split(","):
             command = [sys.executable, __file__, "--worker", implementation, "--shapes", args.shapes,
-                       "--steps", str(args.steps), "--text", args.text]
+                       "--steps", str(args.steps), "--text", args.text, "--baseline-site", args.baseline_site]
             output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
             results.setdefault(implementation, []).append(json.loads(output.strip().splitlines()[-1]))
 
@@ -130,12 +143,14 @@ def main():
         rss = max(r["peak_rss_gb"] for r in runs)
         summary[implementation] = (median, rss)
         print(f"{implementation:<16}{median:>15.3f}{best:>13.3f}{rss:>13.2f}")
-    if "original" in summary:
-        original_seconds, original_rss = summary["original"]
+    for reference in ("original", *(name for name in summary if name.startswith("baseline"))):
+        if reference not in summary:
+            continue
+        reference_seconds, reference_rss = summary[reference]
         for implementation, (seconds, rss) in summary.items():
-            if implementation != "original":
-                print(f"{implementation}: {original_seconds / seconds:.2f}x faster than the original, "
-                      f"memory {rss / original_rss:.2f}x of the original")
+            if implementation != reference and not implementation.startswith(("original", "baseline")):
+                print(f"{implementation}: {reference_seconds / seconds:.2f}x faster than {reference}, "
+                      f"memory {rss / reference_rss:.2f}x of {reference}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,22 @@ def max_over_queries_similarity(image_feats: torch.Tensor, text_feats: torch.Ten
     return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
 
 
+def itc_positive_mask(
+    image_ids: torch.Tensor | None,
+    gathered_image_ids: torch.Tensor | None,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(batch, gathered_batch) True where this process's text i and gathered image j are a pair: the text's own
+    image, or with image_ids every image of the same id."""
+    if image_ids is None:
+        targets = torch.arange(batch_size, device=device) + rank * batch_size
+        return F.one_hot(targets, num_classes=batch_size * world_size).bool()
+    return image_ids[:, None] == gathered_image_ids[None, :]
+
+
 def contrastive_targets(positive_mask: torch.Tensor, label_smoothing: float, dtype: torch.dtype) -> torch.Tensor:
     """Soft targets spreading (1 - label_smoothing) over the positives and label_smoothing uniformly.
 

@@ -7,7 +7,7 @@ One module serves the three attention modes of BLIP-2 stage 1:
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -61,11 +61,63 @@ def qformer_attention_mask(
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def gather_rows(tensors: tuple[torch.Tensor, ...], index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Row `index[r]` of each tensor becomes row r (None: unchanged)."""
+    return tensors if index is None else tuple(tensor.index_select(0, index) for tensor in tensors)
+
+
+@dataclass(frozen=True)
+class QFormerRows:
+    """Which input and which image each output row of a Q-Former pass reads, and which positions the caller keeps.
+
+    The Q-Former's speed tricks are all asked for here, once per pass; `Blip2BridgeQFormerModel` turns them into one
+    `LayerPlan` per layer. Every field is optional: the default is one output row per input row, row r reading image r,
+    every position computed.
+
+    input_index: (num_rows,) output row r continues input row `input_index[r]` (its text and queries). Rows that share
+        an input stay identical until their queries first meet their images, so the first layer's self-attention and
+        text feed-forward run once per distinct input and the rows fan out just before that cross-attention (ITM pairs
+        each caption with two images). While dropout is active each row gets its own copy from the start instead, and
+        with it its own dropout masks, as in the original.
+    image_index: (num_rows,) output row r cross-attends to image `image_index[r]`; one image's keys/values then serve
+        all the rows that read it.
+    output_rows: the caller reads only the first `output_rows` positions (ITM the queries, ITC the [CLS] token): the
+        last layer computes just those.
+    """
+
+    input_index: torch.LongTensor | None = None
+    image_index: torch.LongTensor | None = None
+    output_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one Q-Former layer computes, derived from `QFormerRows` by `Blip2BridgeQFormerModel.plan_layers`.
+
+    attention_mask: additive self-attention mask of this layer's input rows (None: every key visible).
+    text_token_index: flat indices of the real text tokens of this layer's input rows, the only ones the text
+        feed-forward computes (None: all): padding is never read by a later position (masked) nor by a loss.
+    input_index: the rows fan out after this layer's self-attention (the first layer only).
+    image_index: which image each output row cross-attends to.
+    output_rows: compute only the first positions (the last layer only).
+    """
+
+    attention_mask: torch.Tensor | None = None
+    text_token_index: torch.LongTensor | None = None
+    input_index: torch.LongTensor | None = None
+    image_index: torch.LongTensor | None = None
+    output_rows: int | None = None
+
+
+EVERY_ROW = LayerPlan()
+
+
 class Blip2BridgeQFormerAttention(nn.Module):
     """Multi-head attention + BERT's output block (dense, dropout, residual LayerNorm).
 
-    As cross-attention, keys and values are the image features' projections, computed once per image by
-    `project_key_value`; `image_index` lets several rows share one image (ITM pairs each image with three texts).
+    As self-attention, keys and values are projected from `hidden_states` (and extended by `past_key_value`). As
+    cross-attention, `encoder_key_value` holds the image features' keys and values, projected once per image by
+    `project_key_value` before the rows that read the image are gathered.
     """
 
     def __init__(self, config: Blip2BridgeQFormerConfig, is_cross_attention: bool = False):
@@ -87,46 +139,46 @@ class Blip2BridgeQFormerAttention(nn.Module):
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, length, hidden_size) keys and values; heads are split where they are used, after any gather
-        of images by `image_index`: gathering whole contiguous rows costs half as much, backward included."""
+        """(batch, length, hidden_size) keys and values; heads are split where they are used, after any gather of
+        rows: gathering whole contiguous rows costs half as much, backward included."""
         return self.key(states), self.value(states)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        image_index: torch.Tensor | None = None,
+        encoder_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_output_rows: int | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Self-attention (with optional cached keys/values) or, given `image_key_value`, cross-attention.
+        output_rows: int | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """Returns the block output, this pass's (key, value) (a cache keeps them for later tokens) and, with
+        `output_attentions`, the attention weights (batch, heads, rows, keys).
 
-        Returns the block output and this pass's (key, value) so that a cache can keep them for later tokens.
-        With `num_output_rows`, only the first rows attend and are returned (every row still serves as a key).
+        output_rows: only the first rows attend and are returned; every row still serves as a key.
         """
-        key_value_source = hidden_states
-        if num_output_rows is not None:
-            hidden_states = hidden_states[:, :num_output_rows]
-            if attention_mask is not None and attention_mask.shape[2] > 1:
-                attention_mask = attention_mask[:, :, :num_output_rows]
-        query = self._split_heads(self.query(hidden_states))
-        if image_key_value is None:
-            key, value = self.project_key_value(key_value_source)
+        if encoder_key_value is None:
+            key, value = self.project_key_value(hidden_states)
         else:
-            key, value = image_key_value
-            if image_index is not None:
-                key, value = key.index_select(0, image_index), value.index_select(0, image_index)
+            key, value = encoder_key_value
+        if output_rows is not None:
+            hidden_states = hidden_states[:, :output_rows]
+            if attention_mask is not None and attention_mask.shape[2] > 1:
+                attention_mask = attention_mask[:, :, :output_rows]
+        query = self._split_heads(self.query(hidden_states))
         key, value = self._split_heads(key), self._split_heads(value)
         new_key_value = (key, value)
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
+        # Fused kernels (SDPA) do not return the weights: a call that asks for them takes the eager path.
+        attention_interface: Callable = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        attn_output, attn_weights = attention_interface(
             self,
             query,
             key,
@@ -137,7 +189,7 @@ class Blip2BridgeQFormerAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)
         output = self.LayerNorm(self.dropout(self.dense(attn_output)) + hidden_states)
-        return output, new_key_value
+        return output, new_key_value, attn_weights if output_attentions else None
 
 
 class Blip2BridgeQFormerFeedForward(nn.Module):
@@ -179,44 +231,48 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None,
+        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         query_length: int = 0,
-        image_index: torch.Tensor | None = None,
-        text_token_index: torch.Tensor | None = None,
-        num_output_rows: int | None = None,
-        input_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """input_index: the rows of `hidden_states` are distinct inputs, and output row r continues input row
-        `input_index[r]`: self-attention and the text feed-forward run once per input, the rows fan out before
-        the queries meet their images."""
-        # Tensors come positionally so that gradient checkpointing sees them; the layer only reads the cache and
-        # returns its new key/value, so a recomputation in backward cannot write it twice.
-        attention_output, new_key_value = self.attention(
-            hidden_states, attention_mask, past_key_value=past_key_value, num_output_rows=num_output_rows
-        )
-        if num_output_rows is not None:
-            text_token_index = None  # it indexes every row; the few rows kept are all computed
-        if query_length == 0:
-            return self.text_feed_forward(attention_output, text_token_index), new_key_value
+        plan: LayerPlan = EVERY_ROW,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Self-attention over every position, cross-attention for the queries, a feed-forward for each side.
 
+        Returns (output, this pass's self-attention key/value, self-attention weights, cross-attention weights); the
+        weights only with `output_attentions`. Tensors that need gradients come positionally, so that gradient
+        checkpointing sees them; the layer only reads the cache, so a recomputation in backward cannot write it twice.
+        """
+        attention_output, new_key_value, self_attention_weights = self.attention(
+            hidden_states,
+            plan.attention_mask,
+            past_key_value=past_key_value,
+            output_rows=plan.output_rows,
+            output_attentions=output_attentions,
+        )
         query_states = attention_output[:, :query_length]
         text_output = None
         if attention_output.shape[1] > query_length:
-            text_output = self.text_feed_forward(attention_output[:, query_length:], text_token_index)
-        if input_index is not None:
-            query_states = query_states.index_select(0, input_index)
-            text_output = None if text_output is None else text_output.index_select(0, input_index)
-            new_key_value = tuple(states.index_select(0, input_index) for states in new_key_value)
-        if self.has_cross_attention:
+            text_output = self.text_feed_forward(attention_output[:, query_length:], plan.text_token_index)
+        if plan.input_index is not None:
+            query_states, *new_key_value = gather_rows((query_states, *new_key_value), plan.input_index)
+            text_output = None if text_output is None else text_output.index_select(0, plan.input_index)
+            if self_attention_weights is not None:
+                self_attention_weights = self_attention_weights.index_select(0, plan.input_index)
+        cross_attention_weights = None
+        if query_length > 0 and self.has_cross_attention:
             if image_key_value is None:
                 raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
-            query_states, _ = self.crossattention(query_states, image_key_value=image_key_value, image_index=image_index)
-        layer_output = self.query_feed_forward(query_states)
+            query_states, _, cross_attention_weights = self.crossattention(
+                query_states,
+                encoder_key_value=gather_rows(image_key_value, plan.image_index),
+                output_attentions=output_attentions,
+            )
+        outputs = [self.query_feed_forward(query_states)] if query_length > 0 else []
         if text_output is not None:
-            layer_output = torch.cat([layer_output, text_output], dim=1)
-        return layer_output, new_key_value
+            outputs.append(text_output)
+        layer_output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return layer_output, tuple(new_key_value), self_attention_weights, cross_attention_weights
 
 
 @dataclass
@@ -224,10 +280,17 @@ class Blip2BridgeQFormerOutput(ModelOutput):
     """
     last_hidden_state: (batch, query_length + text_length, hidden_size) outputs, queries first.
     cache: self-attention keys/values of every position seen so far, when `use_cache`.
+    hidden_states: with `output_hidden_states`, the embeddings' output and each layer's, (batch, positions, hidden_size).
+    attentions: with `output_attentions`, each layer's self-attention weights (batch, heads, positions, keys).
+    cross_attentions: with `output_attentions`, the weights (batch, heads, query_length, image_length) of each layer
+        with cross-attention, when queries and images are given.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class Blip2BridgePreTrainedModel(Blip2BridgeHubMixin, PreTrainedModel):
@@ -296,6 +359,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         """[queries; word + position embeddings of the text], then the embedding LayerNorm over both."""
         parts = [] if query_embeds is None else [query_embeds]
         if inputs_embeds is not None:
+            if query_embeds is not None and query_embeds.shape[0] == 1:
+                parts = [query_embeds.expand(inputs_embeds.shape[0], -1, -1)]  # one set of queries serves every text
             text_length = inputs_embeds.shape[1]
             if position_ids is None:
                 if text_length > self.config.max_position_embeddings:
@@ -320,36 +385,34 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
-        image_index: torch.LongTensor | None = None,
-        image_key_values: list | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        output_rows: int | None = None,
+        position_ids: torch.LongTensor | None = None,
         is_causal: bool = False,
         cache: Cache | None = None,
         use_cache: bool = False,
-        position_ids: torch.LongTensor | None = None,
-        input_index: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> Blip2BridgeQFormerOutput:
+        image_key_values: list | None = None,
+        rows: QFormerRows | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> Blip2BridgeQFormerOutput | tuple:
         r"""
         input_ids: (batch, text_length) BERT token ids, or
         inputs_embeds: (batch, text_length, hidden_size) their word embeddings (positions are added here).
         attention_mask: (batch, text_length) 1 for text tokens to attend to, covering every text token so far
             (cached and current); query positions are always visible.
-        query_embeds: (batch, num_query_tokens, hidden_size) learned queries, placed before the text.
-        image_embeds: (num_images, image_length, encoder_hidden_size) features the queries cross-attend to.
-        image_index: (batch,) which image each row cross-attends to; default row i -> image i.
-        image_key_values: `project_image(image_embeds)`, when the caller already has it (instead of image_embeds).
-        output_rows: the caller reads only the first `output_rows` positions of the output (ITM reads the queries,
-            ITC the [CLS] token): the last layer computes just those.
+        query_embeds: (batch, num_query_tokens, hidden_size) learned queries, placed before the text; a batch of 1
+            serves every row (every image's query pass starts from the same queries, computed once until they meet
+            the images).
+        image_embeds: (num_images, image_length, encoder_hidden_size) features the queries cross-attend to, or
+        image_key_values: `project_image(image_embeds)`, when the caller already has it.
         is_causal: the multimodal-causal mode of ITG: text is causal and queries never see it.
         cache: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
-        input_index: (batch,) output row r starts from row `input_index[r]` of the text and queries, which then hold
-            distinct inputs only (ITM pairs each caption with two images; every row of a query pass starts from the
-            same learned queries). Such rows stay identical until their queries meet their images, so the first
-            layer's self-attention runs once per distinct input. `image_index` and the output have `batch` rows.
-            While dropout is active every row gets its own copy of its input (and its own dropout masks) instead.
+        rows: which input and which image each output row reads, and which positions the caller keeps (`QFormerRows`).
+        output_attentions, output_hidden_states: also return every layer's attention weights / outputs. Every
+            position is then computed (no padding skipped, no rows cut), and attention runs eagerly.
+        return_dict: False returns a tuple of the output's fields that are set.
         """
         if input_ids is not None:
             if not self.config.use_text_input:
@@ -357,64 +420,132 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             inputs_embeds = self.word_embeddings(input_ids)
         if inputs_embeds is None and query_embeds is None:
             raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
+        rows = QFormerRows() if rows is None else rows
         past_length = 0 if cache is None else cache.get_seq_length()
-        if input_index is not None:
-            if query_embeds is None or past_length > 0:
-                raise ValueError("input_index needs query_embeds and no cache: rows fan out at the first "
-                                 "cross-attention, which only queries have")
-            if self.training and (self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0):
-                # Dropout draws its masks per row, as the original does: rows share the first layer only where it
-                # is deterministic.
-                query_embeds, inputs_embeds, attention_mask = (
-                    None if tensor is None else tensor.index_select(0, input_index)
-                    for tensor in (query_embeds, inputs_embeds, attention_mask)
-                )
-                input_index = None
+        if image_key_values is None and image_embeds is not None and query_embeds is not None:
+            image_key_values = self.project_image(image_embeds)
+        num_images = None if image_key_values is None else next(kv[0].shape[0] for kv in image_key_values if kv)
+        input_index = self._input_index(rows, query_embeds, inputs_embeds, num_images, past_length)
+        if input_index is not None and self._dropout_active():
+            # Dropout draws its masks per row, as the original does: rows share the first layer only where it is
+            # deterministic, so here every row gets its own copy of its input from the start.
+            if query_embeds.shape[0] == 1:
+                query_embeds = query_embeds.expand(len(input_index), -1, -1)
+            else:
+                query_embeds = query_embeds.index_select(0, input_index)
+            inputs_embeds, attention_mask, position_ids = (
+                None if tensor is None else tensor.index_select(0, input_index)
+                for tensor in (inputs_embeds, attention_mask, position_ids)
+            )
+            input_index = None
+
         hidden_states = self.embed(inputs_embeds, query_embeds, position_ids)
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
-        num_rows = hidden_states.shape[1]
-        num_keys = past_length + num_rows
+        text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+        every_position = output_attentions or output_hidden_states
+        plans = self.plan_layers(
+            attention_mask,
+            num_keys=past_length + hidden_states.shape[1],
+            query_length=query_length,
+            text_length=text_length,
+            is_causal=is_causal,
+            dtype=hidden_states.dtype,
+            input_index=input_index,
+            image_index=rows.image_index,
+            output_rows=None if every_position else rows.output_rows,
+            skip_padding=not every_position,
+        )
 
         if cache is None and use_cache:
             cache = DynamicCache()
-        if image_key_values is None and image_embeds is not None and query_length > 0:
-            image_key_values = self.project_image(image_embeds)
-        text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
-        mask = self._self_attention_mask(
-            attention_mask, num_rows, num_keys, query_length, is_causal, hidden_states.dtype
-        )
-        text_token_index = self._text_token_index(attention_mask, text_length)
-        if input_index is not None:
-            # From the second layer on, every row carries its own copy of its input.
-            fanned_out_mask = None if mask is None or mask.shape[0] == 1 else mask.index_select(0, input_index)
-            fanned_out_token_index = None
-            if attention_mask is not None:
-                fanned_out_token_index = self._text_token_index(attention_mask.index_select(0, input_index), text_length)
-
-        for layer_idx, layer in enumerate(self.layer):
+        all_hidden_states = (gather_rows((hidden_states,), input_index)[0],) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions and query_length > 0 and image_key_values is not None else None
+        for layer_idx, (layer, plan) in enumerate(zip(self.layer, plans)):
             past_key_value = None
             if past_length > 0:
                 past_key_value = (cache.layers[layer_idx].keys, cache.layers[layer_idx].values)
-            hidden_states, new_key_value = layer(
+            hidden_states, new_key_value, attention_weights, cross_attention_weights = layer(
                 hidden_states,
-                mask,
                 None if image_key_values is None else image_key_values[layer_idx],
                 past_key_value,
                 query_length=query_length,
-                image_index=image_index,
-                text_token_index=text_token_index,
-                num_output_rows=output_rows if layer_idx == len(self.layer) - 1 else None,
-                input_index=input_index,
+                plan=plan,
+                output_attentions=output_attentions,
             )
-            if input_index is not None:
-                mask, text_token_index, input_index = fanned_out_mask, fanned_out_token_index, None
             if use_cache:
                 cache.update(*new_key_value, layer_idx)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attention_weights,)
+                if all_cross_attentions is not None and cross_attention_weights is not None:
+                    all_cross_attentions += (cross_attention_weights,)
 
-        return Blip2BridgeQFormerOutput(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        output = Blip2BridgeQFormerOutput(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            cross_attentions=all_cross_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _dropout_active(self) -> bool:
+        return self.training and (self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0)
 
     @staticmethod
-    def _self_attention_mask(attention_mask, num_rows: int, num_keys: int, query_length: int, is_causal: bool, dtype):
+    def _input_index(rows: QFormerRows, query_embeds, inputs_embeds, num_images: int | None, past_length: int):
+        """Which distinct input each output row continues, or None when every row is its own input."""
+        input_index = rows.input_index
+        if input_index is None and query_embeds is not None and query_embeds.shape[0] == 1 and inputs_embeds is None:
+            # One set of learned queries for every image: the rows fan out to the images.
+            num_rows = len(rows.image_index) if rows.image_index is not None else num_images
+            if num_rows is not None and num_rows > 1:
+                input_index = torch.zeros(num_rows, dtype=torch.long, device=query_embeds.device)
+        if input_index is not None and (query_embeds is None or past_length > 0):
+            raise ValueError(
+                "rows.input_index needs query_embeds and no cache: rows fan out at the first cross-attention, which "
+                "only queries have"
+            )
+        return input_index
+
+    def plan_layers(
+        self,
+        attention_mask: torch.Tensor | None,
+        num_keys: int,
+        query_length: int,
+        text_length: int,
+        is_causal: bool,
+        dtype: torch.dtype,
+        input_index: torch.LongTensor | None,
+        image_index: torch.LongTensor | None,
+        output_rows: int | None,
+        skip_padding: bool = True,
+    ) -> list[LayerPlan]:
+        """One `LayerPlan` per layer: the one place that decides which rows and positions each layer computes.
+
+        The first layer reads the distinct inputs and fans them out to `input_index` after its self-attention; every
+        later layer reads one copy per output row, so its mask and text positions are the fanned-out ones.
+        """
+        first_mask = self._self_attention_mask(attention_mask, num_keys, query_length, text_length, is_causal, dtype)
+        first_tokens = self._text_token_index(attention_mask, text_length) if skip_padding else None
+        later_mask, later_tokens = first_mask, first_tokens
+        if input_index is not None:
+            later_mask = None if first_mask is None or first_mask.shape[0] == 1 else first_mask.index_select(0, input_index)
+            if attention_mask is not None and skip_padding:
+                later_tokens = self._text_token_index(attention_mask.index_select(0, input_index), text_length)
+        plans = [
+            LayerPlan(attention_mask=later_mask, text_token_index=later_tokens, image_index=image_index)
+            for _ in self.layer
+        ]
+        plans[0] = replace(plans[0], attention_mask=first_mask, text_token_index=first_tokens, input_index=input_index)
+        if output_rows is not None:
+            # The last layer's few kept rows are all computed (the token index would cover every row).
+            plans[-1] = replace(plans[-1], output_rows=output_rows, text_token_index=None)
+        return plans
+
+    def _self_attention_mask(self, attention_mask, num_keys: int, query_length: int, text_length: int, is_causal: bool, dtype):
         key_padding_mask = None
         if attention_mask is not None:
             if attention_mask.shape[1] > num_keys:
@@ -425,6 +556,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                 [attention_mask.new_ones(attention_mask.shape[0], num_keys - attention_mask.shape[1]), attention_mask],
                 dim=1,
             )
+        num_rows = query_length + text_length
         return qformer_attention_mask(key_padding_mask, num_rows, num_keys, query_length, is_causal, dtype)
 
     @staticmethod

@@ -20,12 +20,13 @@ from .losses import (
     image_grounded_generation_loss,
     image_text_contrastive_loss,
     image_text_matching_loss,
+    itc_positive_mask,
     max_over_queries_similarity,
     pad_to_length,
     sample_hard_negatives,
     world_size_and_rank,
 )
-from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel, QFormerRows
 from .modeling_vision import Blip2BridgeImageQueryModel
 
 
@@ -182,13 +183,6 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
         self.post_init()
 
-    @classmethod
-    def from_vision_text_pretrained(cls, vision_model, text_model, tokenizer=None, **kwargs) -> "Blip2BridgeModel":
-        """A stage-1 model initialised as the paper does; see `modeling_blip2.builders.build_stage1_model`."""
-        from .builders import build_stage1_model  # builders imports this module
-
-        return build_stage1_model(vision_model, text_model, tokenizer=tokenizer, **kwargs)
-
     def get_input_embeddings(self):
         return self.qformer.word_embeddings
 
@@ -219,53 +213,67 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
 
     def _text_feats(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         text_output = self.qformer(
-            inputs_embeds=text_embeds, attention_mask=attention_mask, output_rows=1
+            inputs_embeds=text_embeds, attention_mask=attention_mask, rows=QFormerRows(output_rows=1)
         ).last_hidden_state
         return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
 
     def get_itm_logits(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        *,
         image_index: torch.LongTensor | None = None,
+        text_index: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_key_values: list | None = None,
     ) -> torch.Tensor:
         """(num_pairs, 2) image-text matching logits; softmax(...)[:, 1] is the probability that the pair matches.
 
-        Row i pairs text i with image `image_index[i]` (default image i), so one image can be scored against many
-        texts while its cross-attention keys/values are computed once.
+        Pair p is text `text_index[p]` (default text p) with image `image_index[p]` (default image p), so one image is
+        scored against many texts (and one text against many images) while each is computed once.
+        inputs_embeds: the texts' word embeddings instead of input_ids.
+        image_key_values: `qformer.project_image(image_embeds)` instead of pixels or image_embeds, to score the same
+            images over several calls (retrieval) with their cross-attention keys/values projected once.
         """
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
-        self._check_text(input_ids, attention_mask, image_index.shape[0] if image_index is not None else image_embeds.shape[0])
-        return self._itm_logits(image_embeds, input_ids, attention_mask, image_index)
-
-    def _itm_logits(
-        self,
-        image_embeds,
-        input_ids,
-        attention_mask,
-        image_index=None,
-        image_key_values=None,
-        text_embeds=None,
-        text_index=None,
-    ) -> torch.Tensor:
-        """text_index: pair p reads text `text_index[p]` (default text p); a text paired with several images then
-        goes through the first self-attention once."""
-        num_texts = input_ids.shape[0] if input_ids is not None else text_embeds.shape[0]
+        if inputs_embeds is None:
+            self._check_text(input_ids, attention_mask)
+        if image_key_values is None:
+            image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        num_texts = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0][0].shape[0]
+        self._check_pairs(num_texts, num_images, text_index, image_index)
         output = self.qformer(
             input_ids=input_ids,
-            inputs_embeds=text_embeds,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            query_embeds=self.query_tokens.expand(num_texts, -1, -1),
+            query_embeds=self.query_tokens,
             image_embeds=image_embeds,
-            image_index=image_index,
             image_key_values=image_key_values,
-            output_rows=self.query_tokens.shape[1],
-            input_index=text_index,
+            rows=QFormerRows(
+                input_index=text_index,
+                image_index=image_index,
+                output_rows=self.config.num_query_tokens,
+            ),
         ).last_hidden_state
         # The original averages the 2-way head over the query positions only.
         return self.itm_head(output).mean(dim=1)
+
+    @staticmethod
+    def _check_pairs(num_texts: int, num_images: int, text_index, image_index):
+        """Refuses pairings that do not give each pair one text and one image (from shapes only: no host sync)."""
+        for name, index in (("text_index", text_index), ("image_index", image_index)):
+            if index is not None and index.dim() != 1:
+                raise ValueError(f"{name} has shape {tuple(index.shape)}; expected (num_pairs,)")
+        num_text_rows = num_texts if text_index is None else len(text_index)
+        num_image_rows = num_images if image_index is None else len(image_index)
+        if num_text_rows != num_image_rows:
+            raise ValueError(
+                f"{num_text_rows} texts{'' if text_index is None else ' (text_index)'} but {num_image_rows} "
+                f"images{'' if image_index is None else ' (image_index)'}: each pair needs one text and one image; "
+                "pair them with text_index and image_index"
+            )
 
     def _check_text(self, input_ids, attention_mask, batch_size: int | None = None):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -294,8 +302,11 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         image_embeds: torch.Tensor | None = None,
         image_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
-        **kwargs,
-    ) -> Blip2BridgeModelOutput:
+        return_dict: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> Blip2BridgeModelOutput | tuple:
         r"""
         pixel_values: (batch, 3, height, width) images, or
         image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, instead of pixels.
@@ -304,11 +315,28 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             drawn as ITM negatives of each other.
         return_loss: compute ITC + ITM + ITG (default: whenever text is given). False stops after the ITC
             similarities.
+        return_dict: False returns a tuple of the output's fields that are set.
+        output_attentions, output_hidden_states, labels: refused. The forward runs the Q-Former four times (query
+            pass, ITC text pass, ITM pairs, ITG), so "the" attentions would be ambiguous: ask one pass, e.g.
+            `model.get_query_output(image_embeds, output_attentions=True)` or `model.qformer(...,
+            output_hidden_states=True)`. The ITG targets are `input_ids` themselves.
 
         The losses need in-batch negatives: a batch gathered over all processes that holds a single image (a batch
         of 1, one image_id, or identical rows of pixel_values / image_embeds) raises a ValueError, as do NaN or inf
         image features or similarities (naming the rows).
         """
+        if output_attentions or output_hidden_states:
+            raise ValueError(
+                "Blip2BridgeModel.forward does not return attentions or hidden states: it runs the Q-Former four times "
+                "(query pass, ITC text pass, ITM pairs, ITG). Ask the pass you want: "
+                "model.get_query_output(image_embeds, output_attentions=True, output_hidden_states=True) for the "
+                "queries over the images, or model.qformer(input_ids=..., output_attentions=True) for text"
+            )
+        if labels is not None:
+            raise ValueError(
+                "Blip2BridgeModel.forward takes no labels: ITG predicts input_ids themselves (padding, marked by "
+                "attention_mask, is ignored); pass input_ids and attention_mask only"
+            )
         given_images = image_embeds if pixel_values is None else pixel_values
         image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
         batch_size = image_embeds.shape[0]
@@ -317,7 +345,8 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         if input_ids is None:
             query_output = self.get_query_output(image_embeds).last_hidden_state
             image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-            return Blip2BridgeModelOutput(image_feats=image_feats, query_output=query_output, image_embeds=image_embeds)
+            output = Blip2BridgeModelOutput(image_feats=image_feats, query_output=query_output, image_embeds=image_embeds)
+            return output if return_dict else output.to_tuple()
         self._check_text(input_ids, attention_mask, batch_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -334,11 +363,12 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         # One word-embedding lookup serves the ITC, ITM and ITG text passes ([DEC] looked up alongside): each
         # further lookup would cost a dense vocabulary-sized gradient in backward.
         dec_column = torch.full_like(input_ids[:, :1], self.config.qformer_config.bos_token_id)
-        word_embeds = self.qformer.word_embeddings(torch.cat([input_ids, dec_column], dim=1))
-        text_embeds = word_embeds[:, :-1]
+        text_embeds, dec_embeds = self.qformer.word_embeddings(torch.cat([input_ids, dec_column], dim=1)).split(
+            [input_ids.shape[1], 1], dim=1
+        )
         text_feats = self._text_feats(text_embeds, attention_mask)
 
-        # ---- ITC ----
+        # ---- ITC: every image against every text gathered over the processes, max over the 32 queries ----
         world_size, rank = world_size_and_rank()
         image_feats_all = gather_across_processes(image_feats, with_grad=self.config.gather_with_grad)
         text_feats_all = gather_across_processes(text_feats, with_grad=self.config.gather_with_grad)
@@ -346,13 +376,9 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         sim_t2i = max_over_queries_similarity(image_feats_all, text_feats).t() / self.temp
         refuse_non_finite_similarities(sim_i2t, sim_t2i, image_feats, text_feats, self.temp)
         gathered_image_ids = None if image_ids is None else gather_across_processes(image_ids)
-        if image_ids is None:
-            targets = torch.arange(batch_size, device=sim_i2t.device) + rank * batch_size
-            positive_mask = F.one_hot(targets, num_classes=batch_size * world_size).bool()
-        else:
-            positive_mask = image_ids[:, None] == gathered_image_ids[None, :]
+        positive_mask = itc_positive_mask(image_ids, gathered_image_ids, batch_size, rank, world_size, sim_i2t.device)
         if not return_loss:
-            return Blip2BridgeModelOutput(
+            output = Blip2BridgeModelOutput(
                 logits_per_image=sim_i2t,
                 logits_per_text=sim_t2i,
                 image_feats=image_feats,
@@ -360,67 +386,27 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
                 query_output=query_output,
                 image_embeds=image_embeds,
             )
+            return output if return_dict else output.to_tuple()
         refuse_batch_without_negatives(given_images, gathered_image_ids, batch_size * world_size, world_size)
         loss_itc = image_text_contrastive_loss(sim_i2t, sim_t2i, positive_mask, positive_mask)
 
-        # ---- ITM: a hard negative image for each text (drawn first), then a hard negative text for each image ----
-        negative_image_index = sample_hard_negatives(sim_t2i, positive_mask)
-        negative_text_index = sample_hard_negatives(sim_i2t, positive_mask)
-        positives = torch.arange(batch_size, device=image_embeds.device)
-        # Pairs: texts [positives; positives; negative texts] with images [positives; negatives; positives]. Each
-        # distinct text enters the Q-Former once (`text_index`).
-        if world_size == 1:
-            itm_text_embeds, itm_attention_mask = text_embeds, attention_mask
-            itm_text_index = torch.cat([positives, positives, negative_text_index])
-        else:
-            input_ids_all, attention_mask_all = gather_text_across_processes(
-                input_ids, attention_mask, self.config.qformer_config.pad_token_id
-            )
-            negative_text_embeds = self.qformer.word_embeddings(input_ids_all[negative_text_index])
-            # Gathered texts are padded to the longest process; extra padding is masked and changes no output.
-            text_length = input_ids_all.shape[1]
-            itm_text_embeds = torch.cat([F.pad(text_embeds, (0, 0, 0, text_length - text_embeds.shape[1])),
-                                         negative_text_embeds])
-            itm_attention_mask = torch.cat(
-                [pad_to_length(attention_mask, text_length, 0), attention_mask_all[negative_text_index]]
-            )
-            itm_text_index = torch.cat([positives, positives, positives + batch_size])
-        if world_size == 1:
-            itm_key_values, negatives = image_key_values, negative_image_index
-        else:
-            # Negative images may live on other processes: project them here, after this process's own.
-            image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
-            negative_key_values = self.qformer.project_image(image_embeds_all[negative_image_index])
-            itm_key_values = [
-                None if own is None else tuple(torch.cat(pair) for pair in zip(own, negative))
-                for own, negative in zip(image_key_values, negative_key_values)
-            ]
-            negatives = positives + batch_size
-        itm_logits = self._itm_logits(
-            None,
-            None,
-            itm_attention_mask,
-            torch.cat([positives, negatives, positives]),
-            itm_key_values,
-            text_embeds=itm_text_embeds,
-            text_index=itm_text_index,
-        )
+        # ---- ITM: [positives; (hard negative image, text); (image, hard negative text)] through the 2-way head ----
+        pairs = self.itm_pairs(sim_i2t, sim_t2i, positive_mask, input_ids, text_embeds, attention_mask, image_embeds,
+                               image_key_values)
+        itm_logits = self.get_itm_logits(**pairs)
         loss_itm = image_text_matching_loss(itm_logits, num_positives=batch_size)
 
-        # ---- ITG: [DEC] replaces [CLS]; text is causal and reads every query through the cached keys/values ----
-        decoder_embeds = torch.cat([word_embeds[:, -1:], text_embeds[:, 1:]], dim=1)
+        # ---- ITG: text is causal and reads every query through the query pass's cached keys/values ----
+        decoder_embeds = torch.cat([dec_embeds, text_embeds[:, 1:]], dim=1)  # [DEC] replaces [CLS]
         text_output = self.qformer(
-            inputs_embeds=decoder_embeds,
-            attention_mask=attention_mask,
-            cache=query_pass.cache,
-            is_causal=True,
+            inputs_embeds=decoder_embeds, attention_mask=attention_mask, cache=query_pass.cache, is_causal=True
         ).last_hidden_state
         # Predict token t+1 from position t; padded targets are left out before the vocabulary projection.
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         predicted = labels != -100
         loss_itg = image_grounded_generation_loss(self.itg_head(text_output[:, :-1][predicted]), labels[predicted])
 
-        return Blip2BridgeModelOutput(
+        output = Blip2BridgeModelOutput(
             loss=loss_itc + loss_itm + loss_itg,
             loss_itc=loss_itc,
             loss_itm=loss_itm,
@@ -433,6 +419,59 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             query_output=query_output,
             image_embeds=image_embeds,
         )
+        return output if return_dict else output.to_tuple()
+
+    def itm_pairs(
+        self,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        positive_mask: torch.Tensor,
+        input_ids: torch.LongTensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_key_values: list,
+    ) -> dict:
+        """The 3B pairs of ITM as keyword arguments of `get_itm_logits`: [positive pairs; (hard negative image, text);
+        (image, hard negative text)], the negatives drawn from the batch gathered over all processes.
+
+        A hard negative image is drawn for each text first, then a hard negative text for each image, each with
+        probability softmax(similarity) over the non-positives (`sample_hard_negatives`). Each distinct text and
+        image is stored once and the pairs index them: this process's texts and images, then the negatives that
+        live on other processes (texts padded to the longest process; the extra padding is masked).
+        """
+        batch_size = input_ids.shape[0]
+        world_size, _ = world_size_and_rank()
+        negative_image_index = sample_hard_negatives(sim_t2i, positive_mask)
+        negative_text_index = sample_hard_negatives(sim_i2t, positive_mask)
+        positives = torch.arange(batch_size, device=input_ids.device)
+        if world_size > 1:
+            # Negatives may live on other processes: bring them here and append them after this process's own.
+            input_ids_all, attention_mask_all = gather_text_across_processes(
+                input_ids, attention_mask, self.config.qformer_config.pad_token_id
+            )
+            text_length = input_ids_all.shape[1]
+            text_embeds = torch.cat([
+                F.pad(text_embeds, (0, 0, 0, text_length - text_embeds.shape[1])),
+                self.qformer.word_embeddings(input_ids_all[negative_text_index]),
+            ])
+            attention_mask = torch.cat(
+                [pad_to_length(attention_mask, text_length, 0), attention_mask_all[negative_text_index]]
+            )
+            image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
+            negative_key_values = self.qformer.project_image(image_embeds_all[negative_image_index])
+            image_key_values = [
+                None if own is None else tuple(torch.cat(pair) for pair in zip(own, negative))
+                for own, negative in zip(image_key_values, negative_key_values)
+            ]
+            negative_text_index = negative_image_index = positives + batch_size
+        return {
+            "inputs_embeds": text_embeds,
+            "attention_mask": attention_mask,
+            "text_index": torch.cat([positives, positives, negative_text_index]),
+            "image_key_values": image_key_values,
+            "image_index": torch.cat([positives, negative_image_index, positives]),
+        }
 
     # ---- captioning with the Q-Former decoder ---------------------------------------------------------------------
 
@@ -506,24 +545,39 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
-        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool = True,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **cache,
+    ) -> CausalLMOutputWithPast | tuple:
+        """cache: the key/value cache, under the name the installed transformers release gives it ("cache" or
+        "past_key_values"); any other keyword is refused."""
+        past = pop_cache(cache)
+        if cache:
+            raise TypeError(f"Blip2BridgeCaptionDecoder.forward got unexpected arguments {sorted(cache)}")
         output = self.qformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             query_embeds=query_embeds,
             image_embeds=image_embeds,
             is_causal=True,
-            cache=pop_cache(kwargs, cache),
+            cache=past,
             use_cache=use_cache,
             position_ids=position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         logits = self.itg_head(output.last_hidden_state[:, query_length:])
-        return CausalLMOutputWithPast(logits=logits, **{CACHE_KEYWORD: output.cache})
+        result = CausalLMOutputWithPast(
+            logits=logits,
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+            **{CACHE_KEYWORD: output.cache},
+        )
+        return result if return_dict else result.to_tuple()
 
     def prepare_inputs_for_generation(
         self, input_ids, attention_mask=None, query_embeds=None, image_embeds=None, **kwargs

@@ -115,14 +115,24 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
             )
         return image_embeds
 
-    def get_query_output(self, image_embeds: torch.Tensor, use_cache: bool = False, image_key_values=None):
-        """Runs the learned queries over the image; returns the Q-Former output (with the queries' cache if asked)."""
-        # Every image starts from the same learned queries: the first self-attention runs once for all of them.
-        first_row = torch.zeros(image_embeds.shape[0], dtype=torch.long, device=image_embeds.device)
+    def get_query_output(
+        self,
+        image_embeds: torch.Tensor,
+        use_cache: bool = False,
+        image_key_values: list | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        """Runs the learned queries over the images; returns the Q-Former output (with the queries' cache if asked).
+
+        image_key_values: `qformer.project_image(image_embeds)`, when the caller already has it.
+        """
+        # One set of learned queries serves every image: the Q-Former computes them once until they meet the images.
         return self.qformer(
             query_embeds=self.query_tokens,
             image_embeds=image_embeds,
             image_key_values=image_key_values,
             use_cache=use_cache,
-            input_index=first_row,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )

@@ -87,12 +87,11 @@ def image_text_matching_scores(
     for start in range(0, len(image_index), batch_size):
         batch_mask = attention_mask[start : start + batch_size].to(device)
         text_length = int(batch_mask.sum(dim=1).max())
-        logits = model._itm_logits(
-            None,
-            input_ids[start : start + batch_size, :text_length].to(device),
-            batch_mask[:, :text_length],
-            image_index[start : start + batch_size].to(device),
-            image_key_values,
+        logits = model.get_itm_logits(
+            input_ids=input_ids[start : start + batch_size, :text_length].to(device),
+            attention_mask=batch_mask[:, :text_length],
+            image_index=image_index[start : start + batch_size].to(device),
+            image_key_values=image_key_values,
         )
         scores.append(logits[:, 1].float())
     return torch.cat(scores) if scores else torch.zeros(0, device=device)

@@ -8,6 +8,7 @@ from transformers import AutoModel, AutoModelForPreTraining
 from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2.compat import CACHE_KEYWORD
 from modeling_blip2.losses import sample_hard_negatives
+from modeling_blip2.modeling_qformer import QFormerRows
 from modeling_blip2.modeling_stage1 import Blip2BridgeCaptionDecoder
 from tests.transformers_versions import enable_activation_checkpointing
 from tests.tiny_models import CLS_ID, DEC_ID, VOCAB_SIZE, tiny_batch, tiny_model
@@ -201,8 +202,7 @@ def test_rows_fanned_out_from_shared_inputs_equal_rows_given_one_by_one():
             attention_mask=attention_mask[rows],
             query_embeds=model.query_tokens.expand(input_ids[rows].shape[0], -1, -1),
             image_embeds=image_embeds,
-            image_index=image_index,
-            input_index=input_index if fanned_out else None,
+            rows=QFormerRows(input_index=input_index if fanned_out else None, image_index=image_index),
         ).last_hidden_state
         (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
         outputs.append(output.detach())
@@ -243,8 +243,7 @@ def test_rows_share_the_first_layer_only_while_it_is_deterministic():
                 attention_mask=attention_mask,
                 query_embeds=model.query_tokens,
                 image_embeds=model.get_image_embeds(pixel_values),
-                image_index=torch.tensor([0, 0, 0]),
-                input_index=torch.tensor([0, 0, 0]),
+                rows=QFormerRows(input_index=torch.tensor([0, 0, 0]), image_index=torch.tensor([0, 0, 0])),
             ).last_hidden_state
         assert output.shape[0] == 3
         assert rows_seen["rows"] == (3 if dropout and training else 1), (dropout, training)
@@ -258,7 +257,9 @@ def test_input_index_without_queries_is_refused():
     model = tiny_model().eval()
     _, input_ids, attention_mask = tiny_batch()
     with pytest.raises(ValueError, match="input_index needs query_embeds"):
-        model.qformer(input_ids=input_ids, attention_mask=attention_mask, input_index=torch.tensor([0, 0]))
+        model.qformer(
+            input_ids=input_ids, attention_mask=attention_mask, rows=QFormerRows(input_index=torch.tensor([0, 0]))
+        )
 
 
 # ---- gradients -----------------------------------------------------------------------------------------------------
