@@ -88,7 +88,9 @@ def stage2_small():
     shapes = json.loads((SHAPES / "stage2_small.json").read_text())
     text_config = shapes["text_config"]
     image_token_id = text_config["vocab_size"] - 1
-    config = Blip2BridgeConfig(vision_config=shapes["vision_config"], qformer_config=shapes["qformer_config"],
+    # A stage-2 Q-Former reads no text: without use_text_input=False it would carry unused word embeddings.
+    config = Blip2BridgeConfig(vision_config=shapes["vision_config"],
+                               qformer_config={**shapes["qformer_config"], "use_text_input": False},
                                text_config=text_config, num_query_tokens=shapes["num_query_tokens"],
                                image_token_id=image_token_id)
     generator = torch.Generator().manual_seed(0)

@@ -16,7 +16,6 @@ import os
 
 import torch
 from torch import nn
-from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,13 +32,11 @@ from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .modeling_stage1 import Blip2BridgeModel
 from .modeling_vision import vision_model_class
 from .modeling_stage2 import Blip2BridgeForConditionalGeneration
+from .processing.processing_blip2_bridge import add_image_token
 from .weight_mapping import BERT_HYPERPARAMETERS, ITG_HEAD_MODULE_SOURCES, parameter_sources, qformer_module_sources
 
 
 DEC_TOKEN = "[DEC]"
-# The LLM's image placeholder, the one `Blip2BridgeProcessor` (and transformers' Blip2Processor) adds. Not imported
-# from the processor: this module travels as remote code with a saved model, the processing package does not.
-IMAGE_TOKEN = "<image>"
 
 # Our tensors with one row per vocabulary entry: BERT's are shorter by the [DEC] row.
 VOCABULARY_ROWS = ("qformer.word_embeddings.weight", "itg_head.decoder.bias")
@@ -325,15 +322,6 @@ def add_image_token_to_language_model(
     if needed_rows > num_rows:
         language_model.resize_token_embeddings(needed_rows)
     return image_token_id
-
-
-def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id of the image placeholder, the token `Blip2BridgeProcessor` puts before every prompt: the tokenizer's
-    `image_token` if it names one, else "<image>", added as a special token (never split, never lower-cased)."""
-    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(image_token)
 
 
 def load_language_model(path: str | os.PathLike, **kwargs) -> PreTrainedModel:

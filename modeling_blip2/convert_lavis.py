@@ -469,10 +469,11 @@ def lavis_config_from_state_dict(
         )
     bridge_config = Blip2BridgeConfig(
         vision_config=vision_config,
-        qformer_config=Blip2BridgeQFormerConfig(**qformer_config_kwargs(qformer_config), use_text_input=False),
+        qformer_config=Blip2BridgeQFormerConfig(**qformer_config_kwargs(qformer_config)),
         num_query_tokens=state_dict["query_tokens"].shape[1],
         vision_feature_layer=-1,
     )
+    # stage2_config makes the Q-Former read queries only (use_text_input=False), as every stage-2 config.
     return stage2_config(bridge_config, text_config, image_token_id)
 
 

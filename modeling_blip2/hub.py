@@ -24,7 +24,9 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils.hub import hf_api
 
 
-# Flat module name in a saved folder -> the installed module it is copied from.
+# Flat module name in a saved folder -> the installed module it is copied from: the modules that config.json's
+# auto_map and custom_pipelines name, and every module they import (tests/test_import_graph.py keeps the list exact).
+# Builders, converters and training are clients of the model and stay out.
 REMOTE_CODE_MODULES = {
     "configuration_blip2_bridge": "modeling_blip2.configuration.configuration_blip2_bridge",
     "compat": "modeling_blip2.compat",
@@ -34,7 +36,6 @@ REMOTE_CODE_MODULES = {
     "modeling_vision": "modeling_blip2.modeling_vision",
     "modeling_stage1": "modeling_blip2.modeling_stage1",
     "modeling_stage2": "modeling_blip2.modeling_stage2",
-    "builders": "modeling_blip2.builders",
     "weight_mapping": "modeling_blip2.weight_mapping",
     "pipeline_image_to_text": "modeling_blip2.pipeline_image_to_text",
 }

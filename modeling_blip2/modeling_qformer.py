@@ -118,6 +118,9 @@ class Blip2BridgeQFormerAttention(nn.Module):
     As self-attention, keys and values are projected from `hidden_states` (and extended by `past_key_value`). As
     cross-attention, `encoder_key_value` holds the image features' keys and values, projected once per image by
     `project_key_value` before the rows that read the image are gathered.
+
+    Keys and values travel as one tensor, concatenated on the last dimension: a layer then gets each as a single
+    positional tensor, which gradient checkpointing (reentrant or not) sees as an input, and rows are gathered once.
     """
 
     def __init__(self, config: Blip2BridgeQFormerConfig, is_cross_attention: bool = False):
@@ -138,29 +141,32 @@ class Blip2BridgeQFormerAttention(nn.Module):
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, length, hidden_size) keys and values; heads are split where they are used, after any gather of
-        rows: gathering whole contiguous rows costs half as much, backward included."""
-        return self.key(states), self.value(states)
+    def project_key_value(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, length, 2 * hidden_size): keys then values. Heads are split where they are used, after any gather
+        of rows: gathering whole contiguous rows costs half as much, backward included. The two projections stay
+        module calls, so that adapters on `key`/`value` (PEFT's LoRA) take part."""
+        return torch.cat([self.key(states), self.value(states)], dim=-1)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        encoder_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        encoder_key_value: torch.Tensor | None = None,
+        past_key_value: torch.Tensor | None = None,
         output_rows: int | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Returns the block output, this pass's (key, value) (a cache keeps them for later tokens) and, with
         `output_attentions`, the attention weights (batch, heads, rows, keys).
 
+        encoder_key_value: (batch, image_length, 2 * hidden_size) from `project_key_value`, for cross-attention.
+        past_key_value: (batch, heads, past_length, 2 * head_dim) cached keys and values, concatenated.
         output_rows: only the first rows attend and are returned; every row still serves as a key.
         """
         if encoder_key_value is None:
-            key, value = self.project_key_value(hidden_states)
+            key, value = self.key(hidden_states), self.value(hidden_states)
         else:
-            key, value = encoder_key_value
+            key, value = encoder_key_value.chunk(2, dim=-1)
         if output_rows is not None:
             hidden_states = hidden_states[:, :output_rows]
             if attention_mask is not None and attention_mask.shape[2] > 1:
@@ -169,8 +175,8 @@ class Blip2BridgeQFormerAttention(nn.Module):
         key, value = self._split_heads(key), self._split_heads(value)
         new_key_value = (key, value)
         if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
+            past_key, past_value = past_key_value.chunk(2, dim=-1)
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
 
         # Fused kernels (SDPA) do not return the weights: a call that asks for them takes the eager path.
         attention_interface: Callable = eager_attention_forward
@@ -231,17 +237,18 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        image_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_key_value: torch.Tensor | None = None,
+        past_key_value: torch.Tensor | None = None,
         query_length: int = 0,
         plan: LayerPlan = EVERY_ROW,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Self-attention over every position, cross-attention for the queries, a feed-forward for each side.
 
-        Returns (output, this pass's self-attention key/value, self-attention weights, cross-attention weights); the
-        weights only with `output_attentions`. Tensors that need gradients come positionally, so that gradient
-        checkpointing sees them; the layer only reads the cache, so a recomputation in backward cannot write it twice.
+        Returns (output, this pass's self-attention keys, values, self-attention weights, cross-attention weights); the
+        weights only with `output_attentions`. Tensors that need gradients come and go as flat positional tensors:
+        reentrant gradient checkpointing tracks no tensor nested in a tuple. The layer only reads the cache, so a
+        recomputation in backward cannot write it twice.
         """
         attention_output, new_key_value, self_attention_weights = self.attention(
             hidden_states,
@@ -265,14 +272,14 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
                 raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
             query_states, _, cross_attention_weights = self.crossattention(
                 query_states,
-                encoder_key_value=gather_rows(image_key_value, plan.image_index),
+                encoder_key_value=gather_rows((image_key_value,), plan.image_index)[0],
                 output_attentions=output_attentions,
             )
         outputs = [self.query_feed_forward(query_states)] if query_length > 0 else []
         if text_output is not None:
             outputs.append(text_output)
         layer_output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        return layer_output, tuple(new_key_value), self_attention_weights, cross_attention_weights
+        return layer_output, *new_key_value, self_attention_weights, cross_attention_weights
 
 
 @dataclass
@@ -334,7 +341,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         )
         self.post_init()
 
-    def project_image(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def project_image(self, image_embeds: torch.Tensor) -> list[torch.Tensor | None]:
         """Each cross-attention layer's keys/values of the images (None for layers without cross-attention).
 
         Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
@@ -424,7 +431,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         past_length = 0 if cache is None else cache.get_seq_length()
         if image_key_values is None and image_embeds is not None and query_embeds is not None:
             image_key_values = self.project_image(image_embeds)
-        num_images = None if image_key_values is None else next(kv[0].shape[0] for kv in image_key_values if kv)
+        num_images = None if image_key_values is None else image_key_values[0].shape[0]  # layer 0 cross-attends
         input_index = self._input_index(rows, query_embeds, inputs_embeds, num_images, past_length)
         if input_index is not None and self._dropout_active():
             # Dropout draws its masks per row, as the original does: rows share the first layer only where it is
@@ -464,8 +471,8 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         for layer_idx, (layer, plan) in enumerate(zip(self.layer, plans)):
             past_key_value = None
             if past_length > 0:
-                past_key_value = (cache.layers[layer_idx].keys, cache.layers[layer_idx].values)
-            hidden_states, new_key_value, attention_weights, cross_attention_weights = layer(
+                past_key_value = torch.cat([cache.layers[layer_idx].keys, cache.layers[layer_idx].values], dim=-1)
+            hidden_states, new_keys, new_values, attention_weights, cross_attention_weights = layer(
                 hidden_states,
                 None if image_key_values is None else image_key_values[layer_idx],
                 past_key_value,
@@ -474,7 +481,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                 output_attentions=output_attentions,
             )
             if use_cache:
-                cache.update(*new_key_value, layer_idx)
+                cache.update(new_keys, new_values, layer_idx)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:

@@ -242,7 +242,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         if image_key_values is None:
             image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
         num_texts = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
-        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0][0].shape[0]
+        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[0]
         self._check_pairs(num_texts, num_images, text_index, image_index)
         output = self.qformer(
             input_ids=input_ids,
@@ -353,6 +353,12 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         if image_ids is not None and image_ids.shape != (batch_size,):
             raise ValueError(f"image_ids has shape {tuple(image_ids.shape)}; expected ({batch_size},)")
         return_loss = True if return_loss is None else return_loss
+        if return_loss and input_ids.shape[1] < 2:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: ITG predicts each token after [CLS], so the losses need "
+                "text_length >= 2 ([CLS] and at least [SEP]; the processor gives even an empty caption both); for "
+                "similarities alone pass return_loss=False"
+            )
 
         # The images' cross-attention keys/values serve both the query pass and ITM. The query pass keeps its
         # self-attention keys/values: the ITG text pass below attends to them.
@@ -368,7 +374,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         )
         text_feats = self._text_feats(text_embeds, attention_mask)
 
-        # ---- ITC: every image against every text gathered over the processes, max over the 32 queries ----
+        # ---- ITC: each image against every text gathered over the processes, by its best-matching query ----
         world_size, rank = world_size_and_rank()
         image_feats_all = gather_across_processes(image_feats, with_grad=self.config.gather_with_grad)
         text_feats_all = gather_across_processes(text_feats, with_grad=self.config.gather_with_grad)
@@ -376,7 +382,6 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         sim_t2i = max_over_queries_similarity(image_feats_all, text_feats).t() / self.temp
         refuse_non_finite_similarities(sim_i2t, sim_t2i, image_feats, text_feats, self.temp)
         gathered_image_ids = None if image_ids is None else gather_across_processes(image_ids)
-        positive_mask = itc_positive_mask(image_ids, gathered_image_ids, batch_size, rank, world_size, sim_i2t.device)
         if not return_loss:
             output = Blip2BridgeModelOutput(
                 logits_per_image=sim_i2t,
@@ -388,6 +393,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             )
             return output if return_dict else output.to_tuple()
         refuse_batch_without_negatives(given_images, gathered_image_ids, batch_size * world_size, world_size)
+        positive_mask = itc_positive_mask(image_ids, gathered_image_ids, batch_size, rank, world_size, sim_i2t.device)
         loss_itc = image_text_contrastive_loss(sim_i2t, sim_t2i, positive_mask, positive_mask)
 
         # ---- ITM: [positives; (hard negative image, text); (image, hard negative text)] through the 2-way head ----
@@ -461,7 +467,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
             negative_key_values = self.qformer.project_image(image_embeds_all[negative_image_index])
             image_key_values = [
-                None if own is None else tuple(torch.cat(pair) for pair in zip(own, negative))
+                None if own is None else torch.cat([own, negative])
                 for own, negative in zip(image_key_values, negative_key_values)
             ]
             negative_text_index = negative_image_index = positives + batch_size

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Config, GenerationMixin, PreTrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration import Blip2BridgeConfig
 from .hub import IMAGE_TO_TEXT_PIPELINE, explain_missing_folder
@@ -31,6 +31,14 @@ BLIP2_KEY_MAPPING = {
     _LAYER + r"intermediate_query\.dense\.": r"qformer.layer.\1.query_feed_forward.intermediate.",
     _LAYER + r"output_query\.dense\.": r"qformer.layer.\1.query_feed_forward.output.",
     _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
+}
+
+# Arguments of transformers' Blip2ForConditionalGeneration.forward that this model takes another way. Passed on, the
+# LLM would accept them and ignore them: they are refused, with the way this model takes them.
+TAKEN_ANOTHER_WAY = {
+    "interpolate_pos_encoding": "compute image_embeds = model.get_image_embeds(pixel_values, "
+    "interpolate_pos_encoding=True) and pass image_embeds",
+    "mm_encoder_outputs": "pass image_features = model.get_image_features(pixel_values) instead",
 }
 
 # BERT-style Q-Former sizes shared by transformers' Blip2QFormerConfig and ours.
@@ -61,7 +69,8 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
     logits: (batch, sequence_length, vocab_size) the LLM's logits (decoder positions for an encoder-decoder LLM).
     image_features: (batch, num_query_tokens, llm_hidden_size) the projected query outputs that replaced the image
         placeholder tokens; pass them back as `image_features` to ask more about the same images.
-    language_model_outputs: the LLM's own output (its cache, encoder states, ...).
+    language_model_outputs: the LLM's own output (its cache, encoder states, and with `output_hidden_states` /
+        `output_attentions` its hidden states / attention weights).
     """
 
     loss: torch.FloatTensor | None = None
@@ -78,7 +87,9 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
 class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, GenerationMixin):
     """BLIP-2 stage 2: vision encoder (frozen), queries, Q-Former, language projection and an LLM (frozen by default).
 
-    The Q-Former carries no text-side weights (`use_text_input=False`): stage 2 feeds it the queries only.
+    Stage 2 feeds the Q-Former the queries only. The Q-Former is built as `config.qformer_config` says: the configs
+    that builders, converters and `config_from_blip2` make set `use_text_input=False`, so it carries no text-side
+    weights; a Q-Former configured with `use_text_input=True` keeps them, unused.
     """
 
     config: Blip2BridgeConfig
@@ -96,7 +107,6 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         if config.text_config is None:
             raise ValueError("a stage-2 model needs config.text_config, the language model's configuration")
         qformer_config = config.qformer_config
-        qformer_config.use_text_input = False  # stage 2 feeds the Q-Former queries only
         self._build_vision(config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer = Blip2BridgeQFormerModel(qformer_config)
@@ -132,13 +142,6 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             # transformers would save the weights back under the names they were loaded from; ours are the names now.
             (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
         return loaded
-
-    @classmethod
-    def from_stage1_pretrained(cls, stage1_model, language_model, tokenizer=None, **kwargs):
-        """A stage-2 model from a stage-1 model and a pretrained LLM; see `modeling_blip2.builders.build_stage2_model`."""
-        from .builders import build_stage2_model  # builders imports this module
-
-        return build_stage2_model(stage1_model, language_model, tokenizer=tokenizer, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -214,8 +217,22 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             )
         return prepare(labels=labels)
 
+    def _check_language_model_kwargs(self, kwargs: dict) -> None:
+        """Refuses what the LLM would take and silently not honour."""
+        for name, alternative in TAKEN_ANOTHER_WAY.items():
+            if kwargs.pop(name, None) not in (None, False):
+                raise ValueError(f"{name} is not taken by {type(self).__name__}.forward: {alternative}")
+        attention = self.language_model.config._attn_implementation
+        if kwargs.get("output_attentions") and attention != "eager":
+            # transformers' other attention implementations compute no weights and return an empty tuple.
+            raise ValueError(
+                f"output_attentions=True, but the language model runs {attention!r} attention, which computes no "
+                "attention weights; load the model with attn_implementation='eager'"
+            )
+
     # ---- training and scoring -------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -240,13 +257,16 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         num_items_in_batch (keyword, from `Trainer`): the number of targets in the whole optimiser step; the loss is
             then this batch's summed token loss divided by it. Trainer counts `labels != -100` (after the first
             position for a decoder-only LLM): put -100 on the image placeholders, as the training collators do.
+        output_hidden_states, output_attentions and the LLM's other keywords (`use_cache`, ...) go to the LLM; what it
+            returns for them is in `language_model_outputs` (attention weights need the LLM's eager attention).
+        return_dict: False returns the output as a tuple (`ModelOutput.to_tuple()`), as transformers' BLIP-2 does.
         """
         if input_ids is None:
             raise ValueError("input_ids is required: the prompt with its image placeholder tokens")
         # PEFT's task wrappers (PeftModelForCausalLM, ...) pass these explicitly, as None.
         if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("inputs_embeds are built here from input_ids and the image features; pass input_ids")
-        kwargs.pop("return_dict", None)  # always a ModelOutput
+        self._check_language_model_kwargs(kwargs)
         image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
         inputs_embeds = self._embed_with_image_features(input_ids, image_features)
         if attention_mask is None:

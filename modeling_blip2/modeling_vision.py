@@ -43,9 +43,15 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         if self.config.freeze_vision_model:
             self.vision_model.requires_grad_(False)
 
+    @property
+    def vision_model_is_frozen(self) -> bool:
+        """No parameter of the tower trains: what `config.freeze_vision_model` sets at build and load time, and what
+        `vision_model.requires_grad_(True)` undoes (the tower then trains, in train mode, with gradients)."""
+        return not any(parameter.requires_grad for parameter in self.vision_model.parameters())
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config.freeze_vision_model:
+        if self.vision_model_is_frozen:
             # A frozen encoder stays in eval mode: no dropout, no drop-path, fixed normalisation statistics.
             self.vision_model.eval()
         return self
@@ -74,7 +80,7 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
                 self._check_image_size(pixel_values)
         feature_layer = self.config.vision_feature_layer
         pixel_values = pixel_values.to(self.vision_model.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_model):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_model_is_frozen):
             outputs = self.vision_model(
                 pixel_values=pixel_values, output_hidden_states=feature_layer is not None, **tower_options
             )

@@ -5,7 +5,7 @@ model's tokenizer and puts `num_query_tokens` image placeholder tokens in front 
 `Blip2Processor` does, whose saved files this processor also loads.
 """
 
-from transformers import AddedToken, BatchFeature, ProcessorMixin
+from transformers import AddedToken, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
@@ -14,8 +14,21 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 # included, whatever the tokenizer's model_max_length (512 for bert-base-uncased).
 BLIP2_MAX_TEXT_LENGTH = 32
 # The placeholder transformers' Blip2Processor adds to the language model's tokenizer; the model replaces the
-# embeddings of these tokens by its projected query outputs.
+# embeddings of these tokens by its projected query outputs. Defined here only: builders and collators import it.
 IMAGE_TOKEN = "<image>"
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Adds the image placeholder to the language model's `tokenizer` and returns its id.
+
+    The placeholder is the tokenizer's own `image_token` when it names one (a tokenizer saved by transformers'
+    Blip2Processor), else "<image>". It is added as transformers' Blip2Processor adds it, as a special token (never
+    split, never lower-cased); a tokenizer that holds it already keeps its id. The model's `config.image_token_id`
+    must be this id (the LLM's embeddings grow when the token is new).
+    """
+    image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(image_token)
 
 
 class Blip2BridgeProcessor(ProcessorMixin):
@@ -71,10 +84,7 @@ class Blip2BridgeProcessor(ProcessorMixin):
             raise ValueError(f"num_query_tokens is {num_query_tokens!r}; expected a positive integer or None")
         else:
             tokenizer.return_token_type_ids = False
-            # As transformers' Blip2Processor: a tokenizer saved by it already holds the token, and adding it
-            # again keeps its id.
-            self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
-            tokenizer.add_tokens([AddedToken(self.image_token, normalized=False, special=True)], special_tokens=True)
+            self.image_token = tokenizer.convert_ids_to_tokens(add_image_token(tokenizer))
             if max_text_length is not None:
                 raise ValueError(
                     f"max_text_length={max_text_length} with num_query_tokens set (stage 2); a stage-2 prompt's limit "

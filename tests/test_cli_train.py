@@ -178,7 +178,7 @@ def test_a_bad_flag_is_one_line_naming_it(capsys):
 @pytest.mark.slow
 def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsys):
     from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration
-    from modeling_blip2.training.collators import image_token_id
+    from modeling_blip2.processing.processing_blip2_bridge import add_image_token
     from tests.test_data_collators import make_llm_tokenizer
     from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
 
@@ -186,10 +186,10 @@ def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsy
     tokenizer = make_llm_tokenizer()
     config = Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config=QFORMER_CONFIG,
+        qformer_config=dict(QFORMER_CONFIG, use_text_input=False),
         text_config=TEXT_CONFIGS["opt"],
         num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_id=image_token_id(tokenizer),
+        image_token_id=add_image_token(tokenizer),
     )
     torch.manual_seed(0)
     initial = Blip2BridgeForConditionalGeneration(config)

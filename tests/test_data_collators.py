@@ -280,7 +280,7 @@ def test_stage2_batches_train_the_model_on_exactly_the_labelled_tokens(text):
     torch.manual_seed(0)
     config = Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config=QFORMER_CONFIG,
+        qformer_config=dict(QFORMER_CONFIG, use_text_input=False),
         text_config=TEXT_CONFIGS[text],  # vocabulary of 99 >= our 22 tokens
         num_query_tokens=MODEL_QUERY_TOKENS,
         image_token_id=IMAGE,

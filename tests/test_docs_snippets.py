@@ -290,7 +290,7 @@ def stage2_generation_inputs(namespace: dict) -> None:
 
 
 PREAMBLES = {
-    "model = Blip2BridgeModel.from_vision_text_pretrained(": two_images_and_captions,
+    "model = build_stage1_model(": two_images_and_captions,
     "Blip2BridgeTrainer(model=model, args=args": stage1_training_inputs,
     'processor(images=image, text="Question: what is shown? Answer:")': stage2_prompt_inputs,
     'answerer = pipeline("image-text-to-text", model="my-blip2")': saved_stage2_model,
@@ -599,7 +599,7 @@ def check_quickstart_help(run: DocumentRun, printed: str) -> None:
 
 CHECKS = {
     "image_feats = model.get_image_features(": check_stage1_usage,
-    'from_stage1_pretrained("my-blip2", "facebook/opt-2.7b"': check_stage2_build,
+    'build_stage2_model("my-blip2", "facebook/opt-2.7b"': check_stage2_build,
     "convert --from lavis blip2_pretrained.pth --output blip2-stage1": check_lavis_stage1_conversion,
     "--from blip2-bridge blip2-opt --to transformers --output blip2-opt-hf": check_lavis_stage2_conversion,
     'processor(images=image, text="Question: what is shown? Answer:")': check_stage2_prompts,

@@ -115,7 +115,9 @@ def stage2_dir(tmp_path_factory) -> Path:
                        pad_token_id=tokenizer.pad_token_id)
     config = Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+        qformer_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, use_text_input=False
+        ),
         text_config=text_config,
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

@@ -279,6 +279,20 @@ def test_frozen_vision_encoder_gets_no_gradient_and_stays_in_eval_mode():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_a_tower_unfrozen_by_requires_grad_trains_in_train_mode():
+    # Unfreezing is the user's call (e.g. the paper's fine-tuning at 364 px): requires_grad_(True) alone must do it.
+    model = tiny_model()
+    model.vision_model.requires_grad_(True)
+    model.train()
+    assert model.vision_model.training
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).loss.backward()
+    first_block = next(name for name, _ in model.vision_model.named_parameters() if "layers.0." in name)
+    assert model.vision_model.get_parameter(first_block).grad.abs().sum() > 0
+    model.vision_model.requires_grad_(False)
+    assert not model.train().vision_model.training
+
+
 def test_itc_image_to_text_term_trains_only_the_image_side():
     # The gathered copies carry no gradient, as the original's concat_all_gather.
     model = tiny_model().eval()
@@ -290,17 +304,22 @@ def test_itc_image_to_text_term_trains_only_the_image_side():
     assert model.vision_proj.weight.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+    # Reentrant checkpointing sees only tensors passed positionally: the images' keys/values and the queries' cache
+    # (read by the ITG pass) must reach each layer as single tensors for their gradients to flow back once.
     pixel_values, input_ids, attention_mask = tiny_batch()
     results = []
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, use_reentrant=use_reentrant)
         torch.manual_seed(3)
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
         out.loss.backward()
-        results.append((out.loss.detach(), model.query_tokens.grad.clone(), model.text_proj.weight.grad.clone()))
+        results.append((out.loss.detach(), model.query_tokens.grad.clone(), model.text_proj.weight.grad.clone(),
+                        model.qformer.layer[0].crossattention.value.weight.grad.clone(),
+                        model.qformer.layer[-1].attention.key.weight.grad.clone()))
     for plain, checkpointed in zip(*results):
         torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
 

@@ -29,7 +29,9 @@ PROMPT_LENGTHS = (3, 1, 2, 4, 1, 3, 2, 1)
 def stage2_model(kind: str) -> Blip2BridgeForConditionalGeneration:
     config = Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config={**QFORMER_CONFIG, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        qformer_config={
+            **QFORMER_CONFIG, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "use_text_input": False,
+        },  # fmt: skip
         text_config=TEXT_CONFIGS[kind],
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_id=IMAGE_TOKEN_ID,

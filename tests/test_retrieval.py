@@ -78,18 +78,20 @@ def test_each_pair_is_scored_once_and_each_image_projected_once(model):
     assert chosen.sum() < 6 * k + 15 * k
 
     itm_rows, projected_images = [], []
-    first_cross_attention = model.qformer.layer[0].crossattention.key
-    hooks = [
-        model.itm_head.register_forward_hook(lambda module, args, output: itm_rows.append(args[0].shape[0])),
-        first_cross_attention.register_forward_hook(
-            lambda module, args, output: projected_images.append(args[0].shape[0])
-        ),
-    ]
+    first_cross_attention = model.qformer.layer[0].crossattention
+    project_key_value = first_cross_attention.project_key_value
+
+    def counting_projection(states):
+        projected_images.append(states.shape[0])
+        return project_key_value(states)
+
+    hook = model.itm_head.register_forward_hook(lambda module, args, output: itm_rows.append(args[0].shape[0]))
+    first_cross_attention.project_key_value = counting_projection
     try:
         compute_retrieval_scores(model, image_embeds, input_ids, attention_mask, k=k, batch_size=7, images_per_block=4)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
+        del first_cross_attention.project_key_value
     assert sum(itm_rows) == int(chosen.sum())
     assert max(itm_rows) <= 7
     # get_image_features projects all 6 images once (the query pass); ITM projects each image once more, per block.

@@ -174,10 +174,10 @@ def test_decoder_only_loss_is_cross_entropy_on_the_text_positions_only(model_pai
     assert abs(output.loss.item() - expected.item()) <= 1e-6
 
 
-def tiny_stage2_config(text: str = "opt", **overrides) -> Blip2BridgeConfig:
+def tiny_stage2_config(text: str = "opt", use_text_input: bool = False, **overrides) -> Blip2BridgeConfig:
     return Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16),
+        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16, use_text_input=use_text_input),
         text_config=TEXT_CONFIGS[text],
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_id=IMAGE_TOKEN_ID,
@@ -224,6 +224,76 @@ def test_stage2_carries_no_stage1_text_weights():
     keys = [key for key in model.state_dict() if not key.startswith("language_model.")]
     assert not [key for key in keys if any(part in key for part in stage1_only)]
     assert model.config.qformer_config.use_text_input is False
+
+
+def test_qformer_configured_with_text_input_keeps_its_config_and_its_text_weights_unused(tmp_path):
+    config = tiny_stage2_config(use_text_input=True)
+    torch.manual_seed(0)
+    with_text = Blip2BridgeForConditionalGeneration(config).eval()
+    assert config.qformer_config.use_text_input is True  # the model reads its config as given
+    without_text = Blip2BridgeForConditionalGeneration(tiny_stage2_config()).eval()
+    loading = without_text.load_state_dict(with_text.state_dict(), strict=False)
+    assert loading.missing_keys == []
+    text_side = ("qformer.word_embeddings.", "qformer.position_embeddings.", ".text_feed_forward.")
+    assert len(loading.unexpected_keys) == 2 + 6 * QFORMER_CONFIG["num_hidden_layers"]
+    assert all(any(part in key for part in text_side) for key in loading.unexpected_keys)
+    pixel_values, input_ids, attention_mask = prompts()
+    with torch.no_grad():
+        expected = without_text(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = with_text(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(actual, expected)
+    with_text.save_pretrained(tmp_path)
+    reloaded = Blip2BridgeForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.config.qformer_config.use_text_input is True
+    assert torch.equal(reloaded.qformer.word_embeddings.weight, with_text.qformer.word_embeddings.weight)
+
+
+def test_hidden_states_and_attentions_are_the_language_models_and_return_dict_false_gives_a_tuple():
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(attn_implementation="eager")).eval()
+    pixel_values, input_ids, attention_mask = prompts(left_pad=True)
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    inputs["labels"] = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    with torch.no_grad():
+        plain = model(**inputs)
+        recorded = model(**inputs, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**inputs, return_dict=False)
+    llm = TEXT_CONFIGS["opt"]
+    batch_size, length = input_ids.shape
+    hidden_states = recorded.language_model_outputs.hidden_states
+    attentions = recorded.language_model_outputs.attentions
+    assert len(hidden_states) == llm["num_hidden_layers"] + 1
+    assert all(tuple(state.shape) == (batch_size, length, llm["hidden_size"]) for state in hidden_states)
+    assert len(attentions) == llm["num_hidden_layers"]
+    assert all(tuple(weights.shape) == (batch_size, llm["num_attention_heads"], length, length) for weights in attentions)
+    # Causal weights summing to one, the left padding of the second prompt unseen (rows past the padding).
+    weights = attentions[0][:, :, 2:]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(batch_size, llm["num_attention_heads"], length - 2))
+    future_keys = torch.ones(length, length, dtype=torch.bool).triu(diagonal=1)[2:]
+    assert weights[:, :, future_keys].abs().max() == 0 and weights[1, :, :, :2].abs().max() == 0
+    assert weights[0, :, :, :2].min() > 0
+    # The last hidden state is what the LM head reads.
+    torch.testing.assert_close(model.get_output_embeddings()(hidden_states[-1]), recorded.logits, rtol=0, atol=1e-6)
+    assert torch.equal(recorded.logits, plain.logits)
+    assert plain.language_model_outputs.hidden_states is None and plain.language_model_outputs.attentions is None
+
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 4  # loss, logits, image_features, the LLM's outputs
+    assert torch.equal(as_tuple[0], plain.loss) and plain.loss.item() > 0
+    assert torch.equal(as_tuple[1], plain.logits) and torch.equal(as_tuple[2], plain.image_features)
+    assert isinstance(as_tuple[3], tuple)
+
+
+def test_arguments_stage2_cannot_honour_are_refused_by_name():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(attn_implementation="sdpa")).eval()
+    pixel_values, input_ids, _ = prompts()
+    with pytest.raises(ValueError, match=r"output_attentions=True, but the language model runs 'sdpa' attention"):
+        model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
+    with pytest.raises(ValueError, match=r"interpolate_pos_encoding is not taken .* pass image_embeds"):
+        model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match=r"mm_encoder_outputs is not taken"):
+        model(pixel_values=pixel_values, input_ids=input_ids, mm_encoder_outputs={"image": None, "x": 1})
+    with torch.no_grad():  # their "off" values ask for nothing
+        model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=False, output_attentions=False)
 
 
 @pytest.mark.parametrize("text", sorted(TEXT_CONFIGS))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM, OPTModel
 
-from modeling_blip2 import Blip2BridgeForConditionalGeneration
+from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from modeling_blip2.builders import build_stage2_model
 from tests.helpers import make_llm_tokenizer
 from tests.test_stage2 import TEXT_CONFIGS
@@ -99,11 +99,9 @@ def test_image_token_is_added_to_the_tokenizer_and_the_embeddings_grow_only_when
         grown.language_model.get_input_embeddings().weight[:size], reference.get_input_embeddings().weight
     )
 
-    # The token the stage-2 processor puts before every prompt.
-    from modeling_blip2.builders import IMAGE_TOKEN
-    from modeling_blip2.processing.processing_blip2_bridge import IMAGE_TOKEN as PROCESSOR_IMAGE_TOKEN
-
-    assert IMAGE_TOKEN == PROCESSOR_IMAGE_TOKEN == "<image>"
+    # The token the stage-2 processor puts before every prompt: the same id, the tokenizer unchanged.
+    processor = Blip2BridgeProcessor(Blip2BridgeImageProcessor(), tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    assert processor.image_token_id == roomy.config.image_token_id and len(tokenizer) == size + 1
 
     appended = build_stage2_model(tiny_model(), tiny_llm(vocab_size=53))  # no tokenizer: one new row
     assert appended.config.image_token_id == 53
@@ -175,13 +173,11 @@ def test_new_projection_is_initialised_as_transformers_blip2():
     assert torch.equal(bias, torch.zeros_like(bias))
 
 
-def test_build_from_saved_folders_through_the_class_method_saves_and_loads_back(tmp_path):
+def test_build_from_saved_folders_saves_and_loads_back(tmp_path):
     stage1 = tiny_model()
     stage1.save_pretrained(tmp_path / "stage1")
     tiny_llm().save_pretrained(tmp_path / "llm")
-    from_paths = Blip2BridgeForConditionalGeneration.from_stage1_pretrained(
-        tmp_path / "stage1", tmp_path / "llm", tokenizer=make_llm_tokenizer("opt")
-    )
+    from_paths = build_stage2_model(tmp_path / "stage1", tmp_path / "llm", tokenizer=make_llm_tokenizer("opt"))
     from_objects = build_stage2_model(stage1, tiny_llm(), tokenizer=make_llm_tokenizer("opt"))
     # Only the new projection differs (its random initialisation).
     from_objects.language_projection.load_state_dict(from_paths.language_projection.state_dict())

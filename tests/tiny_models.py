@@ -85,7 +85,7 @@ def tiny_stage2(kind: str = "opt", seed: int = 0):
     processor = Blip2BridgeProcessor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
     config = Blip2BridgeConfig(
         vision_config=VISION_CONFIG,
-        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16),
+        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16, use_text_input=False),
         text_config=dict(TEXT_CONFIGS[kind], vocab_size=len(tokenizer)),
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_id=processor.image_token_id,

@@ -12,6 +12,9 @@ ACTIVATION_CHECKPOINTING_ARGUMENT = (
 )
 
 
-def enable_activation_checkpointing(model):
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+def enable_activation_checkpointing(model, **checkpoint_kwargs):
+    """checkpoint_kwargs go to torch.utils.checkpoint (e.g. use_reentrant), under either release's argument name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)

@@ -33,9 +33,10 @@ from ..processing.end_of_text import default_end_of_text
 from ..modeling_stage1 import Blip2BridgeModel
 from ..modeling_stage2 import Blip2BridgeForConditionalGeneration
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
+from ..processing.processing_blip2_bridge import add_image_token
 from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, recipe_values
 from .augmentation import RandomAugment, RandomResizedCropAndFlip
-from .collators import CaptionLMCollator, ImageCaptionCollator, image_token_id
+from .collators import CaptionLMCollator, ImageCaptionCollator
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
 from .datasets import load_annotation_file, load_image_folder, load_webdataset
 from .trainer import LATEST_CHECKPOINT, Blip2BridgeTrainer, checkpoint_folders, resolve_checkpoint
@@ -274,9 +275,10 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if model.config.image_token_id != image_token_id(tokenizer):
+    tokenizer_image_token_id = add_image_token(tokenizer)
+    if model.config.image_token_id != tokenizer_image_token_id:
         raise ValueError(
-            f"the tokenizer's image token has id {image_token_id(tokenizer)} but the model's config.image_token_id is "
+            f"the tokenizer's image token has id {tokenizer_image_token_id} but the model's config.image_token_id is "
             f"{model.config.image_token_id}; expected the tokenizer saved with the stage-2 model"
         )
     return model, tokenizer

@@ -26,10 +26,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import AddedToken, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from ..processing.end_of_text import end_of_text_ids
+from ..processing.processing_blip2_bridge import add_image_token
 from .data import (
     DEFAULT_MAX_WORDS,
     SkippedSamples,
@@ -43,7 +44,6 @@ from .data import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 # LAVIS's `max_txt_len` for stage 2: text tokens (placeholders excluded) per sample.
 DEFAULT_MAX_TEXT_TOKENS = 32
 VQA_PROMPT = "Question: {} Answer:"  # OPT; BLIP-2's FlanT5 models use "Question: {} Short answer:"
@@ -181,26 +181,16 @@ class ImageCaptionCollator(ImageCollator):
 # ---- stage 2 ----------------------------------------------------------------------------------------------------
 
 
-def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """
-    The id of the image placeholder token, added to the tokenizer as "<image>" when it has none, as transformers'
-    `Blip2Processor` does. It must equal the model's `config.image_token_id` (grow the LLM's embeddings if it is new).
-    """
-    token = getattr(tokenizer, "image_token", None)
-    if token is None:
-        if IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
-        token = IMAGE_TOKEN
-    return tokenizer.convert_tokens_to_ids(token)
-
-
-def image_text_ids(tokenizer: PreTrainedTokenizerBase, num_query_tokens: int, texts: list[str]) -> list[list[int]]:
+def image_text_ids(
+    tokenizer: PreTrainedTokenizerBase, image_token_id: int, num_query_tokens: int, texts: list[str]
+) -> list[list[int]]:
     """
     The LLM's token ids of `texts` laid out as transformers' `Blip2Processor(images=..., text=texts)` lays them out:
-    `num_query_tokens` image placeholders, then the tokenizer's own encoding of the text with its special tokens (BOS
-    for OPT or LLaMA, a final EOS for T5). Every stage-2 collator builds its inputs through this one function.
+    `num_query_tokens` image placeholders (id `image_token_id`, from `add_image_token(tokenizer)`), then the
+    tokenizer's own encoding of the text with its special tokens (BOS for OPT or LLaMA, a final EOS for T5). Every
+    stage-2 collator builds its inputs through this one function.
     """
-    placeholders = [image_token_id(tokenizer)] * num_query_tokens
+    placeholders = [image_token_id] * num_query_tokens
     return [placeholders + ids for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
 
@@ -262,7 +252,7 @@ class LanguageModelingCollator(ImageCollator):
         self.is_encoder_decoder = is_encoder_decoder
         self.max_length = max_length
         self.end_of_text_ids = end_of_text_ids(tokenizer, end_of_text)
-        image_token_id(tokenizer)  # adds "<image>" now, not in a DataLoader worker
+        self.image_token_id = add_image_token(tokenizer)  # now, not in a DataLoader worker
 
     def encode(self, texts: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         prompts = [prompt for prompt, _ in texts]
@@ -273,8 +263,9 @@ class LanguageModelingCollator(ImageCollator):
 
     def encode_decoder_only(self, prompts, full_texts):
         input_ids, labels = [], []
-        prompt_ids = image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
-        for prompt, ids in zip(prompt_ids, image_text_ids(self.tokenizer, self.num_query_tokens, full_texts)):
+        prompt_ids = image_text_ids(self.tokenizer, self.image_token_id, self.num_query_tokens, prompts)
+        full_ids = image_text_ids(self.tokenizer, self.image_token_id, self.num_query_tokens, full_texts)
+        for prompt, ids in zip(prompt_ids, full_ids):
             ids = self.end_text(ids, self.num_query_tokens)
             # The prompt's tokens are those the full text shares with the prompt alone (a tokenizer may merge across
             # the boundary; the merged token then counts as target).
@@ -284,10 +275,8 @@ class LanguageModelingCollator(ImageCollator):
         return self.pad({"input_ids": input_ids, "labels": labels})
 
     def encode_encoder_decoder(self, prompts, targets):
-        encoder_ids = [
-            self.truncate(ids, self.num_query_tokens)
-            for ids in image_text_ids(self.tokenizer, self.num_query_tokens, prompts)
-        ]
+        prompt_ids = image_text_ids(self.tokenizer, self.image_token_id, self.num_query_tokens, prompts)
+        encoder_ids = [self.truncate(ids, self.num_query_tokens) for ids in prompt_ids]
         target_ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
         labels = [self.end_text(ids, 0) for ids in target_ids]
         batch = self.pad({"input_ids": encoder_ids})
@@ -438,5 +427,4 @@ __all__ = [
     "LanguageModelingCollator",
     "VQACollator",
     "image_text_ids",
-    "image_token_id",
 ]

@@ -5,7 +5,7 @@ import string
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizer, PreTrainedTokenizerFast
 
-from ..training.collators import IMAGE_TOKEN
+from ..processing.processing_blip2_bridge import IMAGE_TOKEN
 
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
