@@ -91,11 +91,11 @@ def main():
         return [model.generate(pixel_values=one_image, input_ids=question[None], **greedy) for question in questions]
 
     def ten_calls_on_cached_features():
-        image_features = ours.get_image_features(one_image)
+        image_features = ours.get_image_features(one_image).pooler_output
         return [ours.generate(image_features=image_features, input_ids=q[None], **greedy) for q in questions]
 
     def one_batched_call_on_cached_features():
-        image_features = ours.get_image_features(one_image).expand(NUM_QUESTIONS, -1, -1)
+        image_features = ours.get_image_features(one_image).pooler_output.expand(NUM_QUESTIONS, -1, -1)
         return ours.generate(image_features=image_features, input_ids=questions, **greedy)
 
     with torch.no_grad():

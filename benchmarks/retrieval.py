@@ -54,11 +54,11 @@ def make_data(num_images: int, num_texts: int):
 def original_compute_sim_matrix(model, image_embeds, input_ids, attention_mask, k: int, batch_size: int = 256):
     """LAVIS compute_sim_matrix with its compute_itm (ITM logit 1 averaged over the queries), one process."""
     text_embeds = torch.cat([
-        model.get_text_features(input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
+        model.get_text_features(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]).pooler_output
         for i in range(0, len(input_ids), batch_size)
     ])
     image_feats = torch.cat([
-        model.get_image_features(image_embeds=image_embeds[i : i + batch_size])
+        model.get_image_features(image_embeds=image_embeds[i : i + batch_size]).pooler_output
         for i in range(0, len(image_embeds), batch_size)
     ])
     sims_matrix = torch.stack([(image_feat @ text_embeds.t()).max(0).values for image_feat in image_feats])

@@ -105,6 +105,14 @@ class Blip2BridgeConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.is_encoder_decoder = bool(self.text_config is not None and self.text_config.is_encoder_decoder)
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """Stage 2: the language model's config. Stage 1 has no language model: the Q-Former reads and writes its text
+        (its word embeddings are the input embeddings and, tied, the ITG head's output embeddings), so its config is
+        where `resize_token_embeddings` and generation find the vocabulary."""
+        if self.text_config is None:
+            return self.qformer_config
+        return super().get_text_config(decoder=decoder, encoder=encoder)
+
     def validate_architecture(self):
         """Part of the `@strict` validation transformers runs on every config."""
         if self.num_query_tokens < 1:

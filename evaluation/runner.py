@@ -357,7 +357,7 @@ def evaluate_retrieval(model, processor, data: TaskData, output_dir, batch_size,
     @torch.no_grad()
     def text_features(items: range) -> dict:
         feats = [
-            model.get_text_features(input_ids[batch].to(device), attention_mask[batch].to(device)).float().cpu()
+            model.get_text_features(input_ids[batch].to(device), attention_mask[batch].to(device)).pooler_output.float().cpu()
             for batch in batches(list(items), batch_size, accelerator, "text features")
         ]
         return {"text_feats": torch.cat(feats)}
@@ -365,7 +365,7 @@ def evaluate_retrieval(model, processor, data: TaskData, output_dir, batch_size,
     @torch.no_grad()
     def image_features(items: range) -> dict:
         feats = [
-            model.get_image_features(image_embeds=image_embeds_of([data.samples[i] for i in batch])).float().cpu()
+            model.get_image_features(image_embeds=image_embeds_of([data.samples[i] for i in batch])).pooler_output.float().cpu()
             for batch in batches(list(items), batch_size, accelerator, "image features")
         ]
         return {"image_feats": torch.cat(feats)}

@@ -148,7 +148,7 @@ def model_card(config, tags: list[str] | None = None) -> str:
     else:
         lines += [
             'model = AutoModel.from_pretrained("REPO", trust_remote_code=True)',
-            "image_features = model.get_image_features(pixel_values=pixel_values)",
+            "image_features = model.get_image_features(pixel_values=pixel_values).pooler_output",
         ]
     lines += ["```", ""]
     return "\n".join(lines)

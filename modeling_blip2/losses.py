@@ -141,13 +141,16 @@ def has_two_distinct_images(images: torch.Tensor, gathered_image_ids: torch.Tens
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+def sample_hard_negatives(
+    similarity: torch.Tensor, positive_mask: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One negative column per row, drawn with probability softmax(similarity) over the non-positive entries.
 
     One multinomial call for the whole batch, no per-row loop. The positives get the original's additive -10000
     rather than -inf; a row whose entries are all positives (the original would draw a positive and label it a
     negative) is refused, which costs one host synchronisation. Non-finite similarities are the caller's to refuse
-    (`Blip2BridgeModel.forward` names where they come from).
+    (`Blip2BridgeModel.forward` names where they come from). generator: where the draws come from (default torch's
+    global one, as the original).
     """
     no_negative = positive_mask.all(dim=1)
     if no_negative.any():
@@ -157,7 +160,7 @@ def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor)
             "every row at least one other image (a bigger batch or more processes)"
         )
     weights = F.softmax(similarity.masked_fill(positive_mask, -10000.0), dim=1)
-    return torch.multinomial(weights, 1).squeeze(1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
 def image_text_matching_loss(itm_logits: torch.Tensor, num_positives: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from .compat import select_hidden_states
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .hub import Blip2BridgeHubMixin
 
@@ -264,8 +265,6 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         if plan.input_index is not None:
             query_states, *new_key_value = gather_rows((query_states, *new_key_value), plan.input_index)
             text_output = None if text_output is None else text_output.index_select(0, plan.input_index)
-            if self_attention_weights is not None:
-                self_attention_weights = self_attention_weights.index_select(0, plan.input_index)
         cross_attention_weights = None
         if query_length > 0 and self.has_cross_attention:
             if image_key_value is None:
@@ -400,7 +399,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         image_key_values: list | None = None,
         rows: QFormerRows | None = None,
         output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | list[int] = False,
         return_dict: bool = True,
     ) -> Blip2BridgeQFormerOutput | tuple:
         r"""
@@ -417,8 +416,9 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         cache: keys/values of earlier positions (e.g. the queries' from an earlier pass); read, and
             extended only when `use_cache`.
         rows: which input and which image each output row reads, and which positions the caller keeps (`QFormerRows`).
-        output_attentions, output_hidden_states: also return every layer's attention weights / outputs. Every
-            position is then computed (no padding skipped, no rows cut), and attention runs eagerly.
+        output_attentions, output_hidden_states: also return every layer's attention weights / outputs. The speed
+            tricks are then off (every row and position computed from its own copy of its input), and attention runs
+            eagerly. output_hidden_states may also list the indices to keep (the others are None).
         return_dict: False returns a tuple of the output's fields that are set.
         """
         if input_ids is not None:
@@ -433,9 +433,11 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
             image_key_values = self.project_image(image_embeds)
         num_images = None if image_key_values is None else image_key_values[0].shape[0]  # layer 0 cross-attends
         input_index = self._input_index(rows, query_embeds, inputs_embeds, num_images, past_length)
-        if input_index is not None and self._dropout_active():
+        every_position = bool(output_attentions or output_hidden_states)
+        if input_index is not None and (self._dropout_active() or every_position):
             # Dropout draws its masks per row, as the original does: rows share the first layer only where it is
-            # deterministic, so here every row gets its own copy of its input from the start.
+            # deterministic, so here every row gets its own copy of its input from the start. So do rows whose
+            # hidden states and attention weights are asked for: each is then an input of the rows' own graph.
             if query_embeds.shape[0] == 1:
                 query_embeds = query_embeds.expand(len(input_index), -1, -1)
             else:
@@ -449,7 +451,6 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         hidden_states = self.embed(inputs_embeds, query_embeds, position_ids)
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
         text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
-        every_position = output_attentions or output_hidden_states
         plans = self.plan_layers(
             attention_mask,
             num_keys=past_length + hidden_states.shape[1],
@@ -465,7 +466,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
 
         if cache is None and use_cache:
             cache = DynamicCache()
-        all_hidden_states = (gather_rows((hidden_states,), input_index)[0],) if output_hidden_states else None
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions and query_length > 0 and image_key_values is not None else None
         for layer_idx, (layer, plan) in enumerate(zip(self.layer, plans)):
@@ -492,7 +493,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         output = Blip2BridgeQFormerOutput(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
+            hidden_states=select_hidden_states(all_hidden_states, output_hidden_states),
             attentions=all_attentions,
             cross_attentions=all_cross_attentions,
         )

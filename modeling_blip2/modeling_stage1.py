@@ -8,7 +8,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .compat import CACHE_KEYWORD, pop_cache
@@ -42,6 +42,10 @@ class Blip2BridgeModelOutput(ModelOutput):
     text_feats: (batch, embed_dim) L2-normalised [CLS] embeddings for ITC.
     query_output: (batch, num_query_tokens, hidden_size) the Q-Former's query outputs, the visual representation.
     image_embeds: (batch, image_length, vision_width) the features the Q-Former cross-attended to.
+    hidden_states, attentions: with output_hidden_states / output_attentions, those of the query pass (the queries
+        over the images, whose output is `query_output`): the embeddings and every layer, every layer's
+        self-attention weights.
+    vision_model_output: the vision tower's output (its hidden states and attentions when asked), from pixels.
     """
 
     loss: torch.FloatTensor | None = None
@@ -55,6 +59,9 @@ class Blip2BridgeModelOutput(ModelOutput):
     text_feats: torch.FloatTensor | None = None
     query_output: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    vision_model_output: ModelOutput | None = None
 
 
 class Blip2BridgeTextPredictionHead(nn.Module):
@@ -197,21 +204,40 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
 
     # ---- features -------------------------------------------------------------------------------------------------
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(batch, num_query_tokens, embed_dim) L2-normalised query embeddings, the image side of ITC."""
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
-        return F.normalize(self.vision_proj(self.get_query_output(image_embeds).last_hidden_state), dim=-1)
+    def project_query_output(self, query_output: torch.Tensor) -> torch.Tensor:
+        """(batch, num_query_tokens, embed_dim) L2-normalised query embeddings, the image side of ITC: what
+        `get_image_features(...).pooler_output` holds."""
+        return F.normalize(self.vision_proj(query_output), dim=-1)
 
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(batch, embed_dim) L2-normalised [CLS] embeddings of the unimodal text pass, the text side of ITC."""
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The unimodal text pass, as transformers' `get_text_features` returns it: `pooler_output` (batch, embed_dim)
+        holds the L2-normalised [CLS] embeddings, the text side of ITC; `last_hidden_state` the Q-Former's text
+        outputs; `hidden_states`/`attentions` when asked (default: the config's)."""
         self._check_text(input_ids, attention_mask)
-        return self._text_feats(self.qformer.word_embeddings(input_ids), attention_mask)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        text_output = self.qformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+        )
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=text_output.last_hidden_state,
+            pooler_output=F.normalize(self.text_proj(text_output.last_hidden_state[:, 0]), dim=-1),
+            hidden_states=text_output.hidden_states,
+            attentions=text_output.attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
     def _text_feats(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`get_text_features(...).pooler_output` of word embeddings, computing [CLS] alone in the last layer."""
         text_output = self.qformer(
             inputs_embeds=text_embeds, attention_mask=attention_mask, rows=QFormerRows(output_rows=1)
         ).last_hidden_state
@@ -316,36 +342,48 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         return_loss: compute ITC + ITM + ITG (default: whenever text is given). False stops after the ITC
             similarities.
         return_dict: False returns a tuple of the output's fields that are set.
-        output_attentions, output_hidden_states, labels: refused. The forward runs the Q-Former four times (query
-            pass, ITC text pass, ITM pairs, ITG), so "the" attentions would be ambiguous: ask one pass, e.g.
-            `model.get_query_output(image_embeds, output_attentions=True)` or `model.qformer(...,
-            output_hidden_states=True)`. The ITG targets are `input_ids` themselves.
+        output_attentions, output_hidden_states: return those of the query pass (the queries over the images) and
+            of the vision tower (`vision_model_output`); the text passes' are `get_text_features`' and
+            `model.qformer(...)`'s to give. Default: the config's.
+        labels: refused: the ITG targets are `input_ids` themselves.
+
+        In eval mode the ITM hard negatives come from a generator seeded alike on every call, so that identical calls
+        (and an evaluation loss) give identical results; training draws from torch's global generator, as the
+        original.
 
         The losses need in-batch negatives: a batch gathered over all processes that holds a single image (a batch
         of 1, one image_id, or identical rows of pixel_values / image_embeds) raises a ValueError, as do NaN or inf
         image features or similarities (naming the rows).
         """
-        if output_attentions or output_hidden_states:
-            raise ValueError(
-                "Blip2BridgeModel.forward does not return attentions or hidden states: it runs the Q-Former four times "
-                "(query pass, ITC text pass, ITM pairs, ITG). Ask the pass you want: "
-                "model.get_query_output(image_embeds, output_attentions=True, output_hidden_states=True) for the "
-                "queries over the images, or model.qformer(input_ids=..., output_attentions=True) for text"
-            )
         if labels is not None:
             raise ValueError(
                 "Blip2BridgeModel.forward takes no labels: ITG predicts input_ids themselves (padding, marked by "
                 "attention_mask, is ignored); pass input_ids and attention_mask only"
             )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         given_images = image_embeds if pixel_values is None else pixel_values
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        vision_model_output = None
+        if pixel_values is not None and image_embeds is None:
+            image_embeds, vision_model_output = self.run_vision_model(
+                pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            )
+        else:
+            image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)  # refuses both or neither
         batch_size = image_embeds.shape[0]
+        query_outputs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         # With text, every process runs the ITC gathers below: the check gathers too, so that all of them refuse.
         refuse_non_finite_image_embeds(image_embeds, pixel_values, across_processes=input_ids is not None)
         if input_ids is None:
-            query_output = self.get_query_output(image_embeds).last_hidden_state
-            image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-            output = Blip2BridgeModelOutput(image_feats=image_feats, query_output=query_output, image_embeds=image_embeds)
+            query_pass = self.get_query_output(image_embeds, **query_outputs)
+            output = Blip2BridgeModelOutput(
+                image_feats=self.project_query_output(query_pass.last_hidden_state),
+                query_output=query_pass.last_hidden_state,
+                image_embeds=image_embeds,
+                hidden_states=query_pass.hidden_states,
+                attentions=query_pass.attentions,
+                vision_model_output=vision_model_output,
+            )
             return output if return_dict else output.to_tuple()
         self._check_text(input_ids, attention_mask, batch_size)
         if attention_mask is None:
@@ -363,9 +401,17 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         # The images' cross-attention keys/values serve both the query pass and ITM. The query pass keeps its
         # self-attention keys/values: the ITG text pass below attends to them.
         image_key_values = self.qformer.project_image(image_embeds)
-        query_pass = self.get_query_output(image_embeds, use_cache=return_loss, image_key_values=image_key_values)
+        query_pass = self.get_query_output(
+            image_embeds, use_cache=return_loss, image_key_values=image_key_values, **query_outputs
+        )
         query_output = query_pass.last_hidden_state
-        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+        image_feats = self.project_query_output(query_output)
+        # What the output reports besides the objectives, in every return below.
+        passes = dict(
+            hidden_states=query_pass.hidden_states,
+            attentions=query_pass.attentions,
+            vision_model_output=vision_model_output,
+        )
         # One word-embedding lookup serves the ITC, ITM and ITG text passes ([DEC] looked up alongside): each
         # further lookup would cost a dense vocabulary-sized gradient in backward.
         dec_column = torch.full_like(input_ids[:, :1], self.config.qformer_config.bos_token_id)
@@ -390,6 +436,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
                 text_feats=text_feats,
                 query_output=query_output,
                 image_embeds=image_embeds,
+                **passes,
             )
             return output if return_dict else output.to_tuple()
         refuse_batch_without_negatives(given_images, gathered_image_ids, batch_size * world_size, world_size)
@@ -424,6 +471,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             text_feats=text_feats,
             query_output=query_output,
             image_embeds=image_embeds,
+            **passes,
         )
         return output if return_dict else output.to_tuple()
 
@@ -448,8 +496,10 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         """
         batch_size = input_ids.shape[0]
         world_size, _ = world_size_and_rank()
-        negative_image_index = sample_hard_negatives(sim_t2i, positive_mask)
-        negative_text_index = sample_hard_negatives(sim_i2t, positive_mask)
+        # Evaluation is reproducible: the same draws on every call (see forward).
+        generator = None if self.training else torch.Generator(sim_i2t.device).manual_seed(0)
+        negative_image_index = sample_hard_negatives(sim_t2i, positive_mask, generator)
+        negative_text_index = sample_hard_negatives(sim_i2t, positive_mask, generator)
         positives = torch.arange(batch_size, device=input_ids.device)
         if world_size > 1:
             # Negatives may live on other processes: bring them here and append them after this process's own.

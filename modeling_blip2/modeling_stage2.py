@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Config, GenerationMixin, PreTrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration import Blip2BridgeConfig
 from .hub import IMAGE_TO_TEXT_PIPELINE, explain_missing_folder
 from .modeling_qformer import Blip2BridgeQFormerModel
-from .modeling_vision import Blip2BridgeImageQueryModel
+from .modeling_vision import Blip2BridgeImageFeaturesOutput, Blip2BridgeImageQueryModel
 from .weight_mapping import BERT_HYPERPARAMETERS
 
 # transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
@@ -33,12 +33,14 @@ BLIP2_KEY_MAPPING = {
     _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
 }
 
+logger = logging.get_logger(__name__)
+
 # Arguments of transformers' Blip2ForConditionalGeneration.forward that this model takes another way. Passed on, the
 # LLM would accept them and ignore them: they are refused, with the way this model takes them.
 TAKEN_ANOTHER_WAY = {
     "interpolate_pos_encoding": "compute image_embeds = model.get_image_embeds(pixel_values, "
     "interpolate_pos_encoding=True) and pass image_embeds",
-    "mm_encoder_outputs": "pass image_features = model.get_image_features(pixel_values) instead",
+    "mm_encoder_outputs": "pass image_features = model.get_image_features(pixel_values).pooler_output instead",
 }
 
 # BERT-style Q-Former sizes shared by transformers' Blip2QFormerConfig and ours.
@@ -71,16 +73,19 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
         placeholder tokens; pass them back as `image_features` to ask more about the same images.
     language_model_outputs: the LLM's own output (its cache, encoder states, and with `output_hidden_states` /
         `output_attentions` its hidden states / attention weights).
+    image_outputs: `get_image_features`' output for the images given (pixels or image_embeds): the tower's and the
+        query pass's hidden states and attentions when asked.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_features: torch.FloatTensor | None = None
     language_model_outputs: CausalLMOutputWithPast | Seq2SeqLMOutput | None = None
+    image_outputs: Blip2BridgeImageFeaturesOutput | None = None
 
     def to_tuple(self):
         return tuple(
-            self[k].to_tuple() if k == "language_model_outputs" else self[k] for k in self.keys()
+            self[k].to_tuple() if k in ("language_model_outputs", "image_outputs") else self[k] for k in self.keys()
         )
 
 
@@ -162,20 +167,24 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
 
     # ---- image features -------------------------------------------------------------------------------------------
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(batch, num_query_tokens, llm_hidden_size): the query outputs in the LLM's embedding space.
-
-        Compute them once per image and pass them as `image_features` to `forward`/`generate` for every question.
-        """
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
-        query_output = self.get_query_output(image_embeds).last_hidden_state
+    def project_query_output(self, query_output: torch.Tensor) -> torch.Tensor:
+        """(batch, num_query_tokens, llm_hidden_size): the query outputs in the LLM's embedding space, what
+        `get_image_features(...).pooler_output` holds. Compute them once per image and pass them as `image_features`
+        to `forward`/`generate` for every question."""
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+    def _image_outputs(
+        self, pixel_values, image_embeds, image_features, **outputs
+    ) -> tuple[torch.Tensor, Blip2BridgeImageFeaturesOutput | None]:
+        """(image_features, get_image_features' output, None when image_features were given)."""
+        if image_features is None:
+            image_outputs = self.get_image_features(pixel_values, image_embeds, return_dict=True, **outputs)
+            return image_outputs.pooler_output, image_outputs
+        return self._resolve_image_features(pixel_values, image_embeds, image_features), None
 
     def _resolve_image_features(self, pixel_values, image_embeds, image_features) -> torch.Tensor:
         if image_features is None:
-            return self.get_image_features(pixel_values, image_embeds)
+            return self.get_image_features(pixel_values, image_embeds, return_dict=True).pooler_output
         if pixel_values is not None or image_embeds is not None:
             raise ValueError("pass exactly one of pixel_values, image_embeds and image_features")
         num_query_tokens, width = self.config.num_query_tokens, self.config.text_config.hidden_size
@@ -224,10 +233,11 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
                 raise ValueError(f"{name} is not taken by {type(self).__name__}.forward: {alternative}")
         attention = self.language_model.config._attn_implementation
         if kwargs.get("output_attentions") and attention != "eager":
-            # transformers' other attention implementations compute no weights and return an empty tuple.
-            raise ValueError(
-                f"output_attentions=True, but the language model runs {attention!r} attention, which computes no "
-                "attention weights; load the model with attn_implementation='eager'"
+            # As transformers' BLIP-2 the call goes on (the LLM returns what its attention computes), with a word why
+            # its attentions may be empty.
+            logger.warning_once(
+                f"output_attentions=True, but the language model runs {attention!r} attention, which may compute no "
+                "attention weights; load the model with attn_implementation='eager' to get them"
             )
 
     # ---- training and scoring -------------------------------------------------------------------------------------
@@ -267,7 +277,13 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("inputs_embeds are built here from input_ids and the image features; pass input_ids")
         self._check_language_model_kwargs(kwargs)
-        image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
+        image_features, image_outputs = self._image_outputs(
+            pixel_values,
+            image_embeds,
+            image_features,
+            output_attentions=kwargs.get("output_attentions"),
+            output_hidden_states=kwargs.get("output_hidden_states"),
+        )
         inputs_embeds = self._embed_with_image_features(input_ids, image_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -276,6 +292,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         # processes): the loss is their sum over this micro-batch divided by it, so that accumulated micro-batches
         # and processes add up to the token mean of the full batch. Without it, the mean over this batch's targets.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # Pre-shifted targets (shift_labels[t] is the target of logit t), as sequence-parallel training passes them.
+        shift_labels = kwargs.pop("shift_labels", None)
         if self.config.text_config.is_encoder_decoder:
             # The LLM gets no labels: its own loss is a plain mean that ignores num_items_in_batch.
             if labels is not None and decoder_input_ids is None:
@@ -294,7 +312,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
                 loss = self.loss_function(
                     logits=logits,
                     labels=None,
-                    shift_labels=labels.to(logits.device),
+                    shift_labels=(labels if shift_labels is None else shift_labels).to(logits.device),
                     vocab_size=logits.shape[-1],
                     num_items_in_batch=num_items_in_batch,
                 )
@@ -303,19 +321,28 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
             )
             logits, loss = outputs.logits, None
-            if labels is not None:
+            if labels is not None or shift_labels is not None:
                 # As transformers' BLIP-2, shorter labels align with the end of the sequence; logit t predicts
-                # labels[t + 1] (the loss shifts them).
-                labels = labels.to(logits.device)
-                is_image = input_ids[:, -labels.shape[1] :] == self.config.image_token_id
+                # labels[t + 1] (the loss shifts them), or shift_labels[t] when given. Image positions are no target.
+                targets = labels if shift_labels is None else shift_labels
+                targets = targets.to(logits.device)
+                is_image = (input_ids == self.config.image_token_id).to(targets.device)
+                if shift_labels is not None:
+                    is_image = nn.functional.pad(is_image[:, 1:], (0, 1), value=False)  # the target of logit t is token t + 1
+                targets = targets.masked_fill(is_image[:, -targets.shape[1] :], -100)
                 loss = self.loss_function(
-                    logits=logits[:, -labels.shape[1] :],
-                    labels=labels.masked_fill(is_image.to(labels.device), -100),
+                    logits=logits[:, -targets.shape[1] :],
+                    labels=None if shift_labels is not None else targets,
+                    shift_labels=targets if shift_labels is not None else None,
                     vocab_size=logits.shape[-1],
                     num_items_in_batch=num_items_in_batch,
                 )
         return Blip2BridgeForConditionalGenerationOutput(
-            loss=loss, logits=logits, image_features=image_features, language_model_outputs=outputs
+            loss=loss,
+            logits=logits,
+            image_features=image_features,
+            language_model_outputs=outputs,
+            image_outputs=image_outputs,
         )
 
     # ---- generation -----------------------------------------------------------------------------------------------

@@ -1,14 +1,36 @@
 """The image side both stages share: any vision tower AutoModel builds, and the queries that read it."""
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig
-from .modeling_qformer import Blip2BridgePreTrainedModel
+from .compat import select_hidden_states
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerOutput
+
+
+@dataclass
+class Blip2BridgeImageFeaturesOutput(BaseModelOutputWithPooling):
+    """What `get_image_features` returns, in the layout transformers' `get_image_features` use.
+
+    last_hidden_state: (batch, image_length, vision_width) the features the queries read (the tower's hidden state at
+        `vision_feature_layer`, after `vision_layernorm`).
+    pooler_output: (batch, num_query_tokens, width) the model's image features: stage 1 the L2-normalised ITC
+        embeddings (`vision_proj`, width embed_dim), stage 2 the queries in the LLM's embedding space
+        (`language_projection`), what `image_features=` takes.
+    hidden_states, attentions: the vision tower's, with output_hidden_states / output_attentions (from pixels only).
+    query_output: (batch, num_query_tokens, qformer_hidden_size) the Q-Former's query outputs.
+    qformer_outputs: the query pass's Q-Former output, with its own hidden states and attentions when asked.
+    """
+
+    query_output: torch.FloatTensor | None = None
+    qformer_outputs: Blip2BridgeQFormerOutput | None = None
 
 
 def vision_model_class(vision_config) -> type[PreTrainedModel]:
@@ -62,6 +84,16 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         interpolate_pos_encoding: let a tower with a fixed position table (BLIP-2's, CLIP, SigLIP, ViT) read images of
         another size than `vision_config.image_size`; pass the result to the model as `image_embeds`.
         """
+        return self.run_vision_model(pixel_values, interpolate_pos_encoding)[0]
+
+    def run_vision_model(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """`get_image_embeds` with the tower's own output beside it (its hidden states and attentions when asked)."""
         expected_channels = getattr(self.config.vision_config, "num_channels", 3)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected_channels:
             channels = pixel_values.shape[1] if pixel_values.dim() == 4 else "?"
@@ -80,12 +112,65 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
                 self._check_image_size(pixel_values)
         feature_layer = self.config.vision_feature_layer
         pixel_values = pixel_values.to(self.vision_model.dtype)
+        # The tower's mode follows the model's, except that a frozen tower always evaluates; decided here as well as in
+        # train(), because a tower can be unfrozen (requires_grad_) after train() was called.
+        self.vision_model.train(self.training and not self.vision_model_is_frozen)
+        if output_attentions:
+            tower_options["output_attentions"] = True
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_model_is_frozen):
             outputs = self.vision_model(
-                pixel_values=pixel_values, output_hidden_states=feature_layer is not None, **tower_options
+                pixel_values=pixel_values,
+                output_hidden_states=bool(output_hidden_states) or feature_layer is not None,
+                return_dict=True,
+                **tower_options,
             )
         features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
-        return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype))
+        # Asked for by the feature layer only, or some of them only.
+        outputs.hidden_states = select_hidden_states(outputs.hidden_states if output_hidden_states else None,
+                                                     output_hidden_states)
+        return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype)), outputs
+
+    def project_query_output(self, query_output: torch.Tensor) -> torch.Tensor:
+        """The image features each stage makes of the query outputs (stage 1: ITC embeddings; stage 2: LLM inputs)."""
+        raise NotImplementedError
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> "Blip2BridgeImageFeaturesOutput | tuple":
+        """The image through the tower and the query pass, as transformers' `get_image_features` returns it:
+        `pooler_output` holds this model's image features (`project_query_output`), `last_hidden_state` the features
+        the queries read; see `Blip2BridgeImageFeaturesOutput`.
+
+        output_attentions, output_hidden_states, return_dict: default to the config's, as in transformers.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        tower_output = None
+        if pixel_values is not None and image_embeds is None:
+            image_embeds, tower_output = self.run_vision_model(
+                pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
+            )
+        else:
+            image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)  # refuses both or neither
+        query_pass = self.get_query_output(
+            image_embeds, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        output = Blip2BridgeImageFeaturesOutput(
+            last_hidden_state=image_embeds,
+            pooler_output=self.project_query_output(query_pass.last_hidden_state),
+            hidden_states=None if tower_output is None else tower_output.hidden_states,
+            attentions=None if tower_output is None else tower_output.attentions,
+            query_output=query_pass.last_hidden_state,
+            qformer_outputs=query_pass,
+        )
+        return output if return_dict else output.to_tuple()
 
     @property
     def _vision_takes_interpolate_pos_encoding(self) -> bool:

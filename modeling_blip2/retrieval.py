@@ -145,14 +145,14 @@ def compute_retrieval_scores(
     device = model.query_tokens.device
     if image_feats is None:
         image_feats = torch.cat([
-            model.get_image_features(image_embeds=image_embeds[start : start + batch_size].to(device))
+            model.get_image_features(image_embeds=image_embeds[start : start + batch_size].to(device)).pooler_output
             for start in range(0, len(image_embeds), batch_size)
         ])
     if text_feats is None:
         text_feats = torch.cat([
             model.get_text_features(
                 input_ids[start : start + batch_size].to(device), attention_mask[start : start + batch_size].to(device)
-            )
+            ).pooler_output
             for start in range(0, len(input_ids), batch_size)
         ])
     similarity = max_over_queries_similarity(image_feats.float(), text_feats.float())

@@ -240,12 +240,12 @@ def test_stage1_folder_loads_with_auto_model_where_blip2_bridge_is_not_installed
         assert type(AutoModelForPreTraining.from_pretrained("stage1", trust_remote_code=True)) .__name__ == (
             "Blip2BridgeModel")
         pixel_values = load_file("pixel_values.safetensors")["pixel_values"]
-        save_file({"features": model.get_image_features(pixel_values=pixel_values).detach()}, "features.safetensors")
+        save_file({"features": model.get_image_features(pixel_values=pixel_values).pooler_output.detach()}, "features.safetensors")
         """
     )
     run_without_the_project(python_choice, script, cwd=tmp_path)
     with torch.no_grad():
-        expected = model.get_image_features(pixel_values=pixel_values)
+        expected = model.get_image_features(pixel_values=pixel_values).pooler_output
     torch.testing.assert_close(load_file(tmp_path / "features.safetensors")["features"], expected, rtol=0, atol=1e-5)
 
 

@@ -159,8 +159,8 @@ def test_padded_text_tokens_are_invisible():
     changed = input_ids.clone()
     changed[attention_mask == 0] = 42
     with torch.no_grad():
-        before = model.get_text_features(input_ids, attention_mask)
-        after = model.get_text_features(changed, attention_mask)
+        before = model.get_text_features(input_ids, attention_mask).pooler_output
+        after = model.get_text_features(changed, attention_mask).pooler_output
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
@@ -168,15 +168,15 @@ def test_queries_use_the_query_ffn_and_text_the_text_ffn():
     model = tiny_model().eval()
     pixel_values, input_ids, attention_mask = tiny_batch()
     with torch.no_grad():
-        image_feats = model.get_image_features(pixel_values)
-        text_feats = model.get_text_features(input_ids, attention_mask)
+        image_feats = model.get_image_features(pixel_values).pooler_output
+        text_feats = model.get_text_features(input_ids, attention_mask).pooler_output
         for layer in model.qformer.layer:
             layer.text_feed_forward.output.weight.mul_(2.0)
-        assert torch.equal(model.get_image_features(pixel_values), image_feats)
-        assert not torch.allclose(model.get_text_features(input_ids, attention_mask), text_feats)
+        assert torch.equal(model.get_image_features(pixel_values).pooler_output, image_feats)
+        assert not torch.allclose(model.get_text_features(input_ids, attention_mask).pooler_output, text_feats)
         for layer in model.qformer.layer:
             layer.query_feed_forward.output.weight.mul_(2.0)
-        assert not torch.allclose(model.get_image_features(pixel_values), image_feats)
+        assert not torch.allclose(model.get_image_features(pixel_values).pooler_output, image_feats)
 
 
 def test_cross_attention_only_every_cross_attention_frequency_layers():

@@ -3,7 +3,9 @@ hidden states, tuples, and the arguments they refuse (none is silently ignored).
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from modeling_blip2.compat import HIDDEN_STATE_INDICES_COUNT_EMBEDDINGS
 from modeling_blip2.modeling_qformer import QFormerRows
 from modeling_blip2.modeling_stage1 import Blip2BridgeCaptionDecoder
 from tests.tiny_models import DEC_ID, tiny_batch, tiny_model
@@ -100,17 +102,11 @@ def test_return_dict_false_gives_the_outputs_fields_as_a_tuple():
     assert isinstance(qformer_tuple, tuple) and qformer_tuple[0].shape == (*input_ids.shape, 32)
 
 
-@pytest.mark.parametrize(
-    "argument, message",
-    [("output_attentions", "runs the Q-Former four times"), ("output_hidden_states", "runs the Q-Former four times"),
-     ("labels", "takes no labels")],
-)
-def test_stage1_forward_refuses_what_it_cannot_return(argument, message):
+def test_stage1_forward_refuses_labels_and_unknown_arguments():
     model = tiny_model().eval()
     pixel_values, input_ids, attention_mask = tiny_batch()
-    value = input_ids if argument == "labels" else True
-    with pytest.raises(ValueError, match=message):
-        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **{argument: value})
+    with pytest.raises(ValueError, match="takes no labels"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
     with pytest.raises(TypeError, match="unexpected keyword argument 'use_cache'"):
         model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True)
 
@@ -158,3 +154,65 @@ def test_itm_scoring_with_text_and_image_indices_equals_pairs_given_in_full():
     torch.testing.assert_close(projected, in_full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="5 texts \\(text_index\\) but 3 images"):
         model.get_itm_logits(input_ids, attention_mask, image_embeds=image_embeds, text_index=text_index)
+
+
+def test_features_follow_transformers_get_features_contract():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=3)
+    with torch.no_grad():
+        text = model.get_text_features(input_ids, attention_mask, output_hidden_states=True, output_attentions=True)
+        image = model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+        image_tuple = model.get_image_features(pixel_values, return_dict=False)
+        forward = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=False)
+    qformer = model.config.qformer_config
+    assert text.last_hidden_state.shape == (*input_ids.shape, qformer.hidden_size)
+    assert len(text.hidden_states) == qformer.num_hidden_layers + 1 and len(text.attentions) == qformer.num_hidden_layers
+    # pooler_output is ITC's text side: the normalised projection of [CLS], as the forward computes it.
+    torch.testing.assert_close(text.pooler_output, forward.text_feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        text.pooler_output, F.normalize(model.text_proj(text.last_hidden_state[:, 0]), dim=-1), atol=1e-6, rtol=1e-6
+    )
+    vision = model.config.vision_config
+    assert image.last_hidden_state.shape[0] == 3 and image.last_hidden_state.shape[-1] == vision.hidden_size
+    assert len(image.hidden_states) == vision.num_hidden_layers + 1 and len(image.attentions) == vision.num_hidden_layers
+    torch.testing.assert_close(image.pooler_output, forward.image_feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image.query_output, forward.query_output, atol=1e-5, rtol=1e-5)
+    assert isinstance(image_tuple, tuple)
+    torch.testing.assert_close(image_tuple[0], image.last_hidden_state)
+    torch.testing.assert_close(image_tuple[1], image.pooler_output, atol=1e-5, rtol=1e-5)
+    # A subset of the hidden states, as the installed transformers reads output_hidden_states=[indices].
+    some = model.get_image_features(pixel_values, output_hidden_states=[-1]).hidden_states
+    every = image.hidden_states if HIDDEN_STATE_INDICES_COUNT_EMBEDDINGS else image.hidden_states[1:]
+    assert len(some) == len(every) > 1 and all(state is None for state in some[:-1])
+    assert torch.equal(some[-1], every[-1])
+
+
+def test_stage1_forward_returns_the_query_pass_hidden_states_and_attentions():
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=3)
+    with torch.no_grad():
+        output = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                       output_hidden_states=True, output_attentions=True)
+        query_pass = model.get_query_output(model.get_image_embeds(pixel_values), output_hidden_states=True)
+    assert len(output.hidden_states) == model.config.qformer_config.num_hidden_layers + 1
+    for reported, expected in zip(output.hidden_states, query_pass.hidden_states):
+        torch.testing.assert_close(reported, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.hidden_states[-1], output.query_output)
+    assert output.attentions[0].shape == (3, 4, model.config.num_query_tokens, model.config.num_query_tokens)
+    assert len(output.vision_model_output.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+
+
+def test_eval_draws_the_same_hard_negatives_on_every_call_and_training_draws_anew():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=4)
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        model.eval()
+        first, second = model(**inputs), model(**inputs)
+        torch.testing.assert_close(first.itm_logits, second.itm_logits)
+        assert torch.equal(first.loss, second.loss)
+        model.train()
+        drawn = set()
+        for _ in range(8):
+            drawn.add(tuple(model(**inputs).itm_logits[4:8, 1].round(decimals=5).tolist()))
+    assert len(drawn) > 1  # training samples its negatives from the global generator, as the original

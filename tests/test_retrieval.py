@@ -21,8 +21,8 @@ def retrieval_data(num_images=6, num_texts=15, text_length=9, seed=0):
 
 def original_score_matrices(model, image_embeds, input_ids, attention_mask, k):
     """LAVIS compute_sim_matrix, restated: per image ITM on its top-k texts, per text ITM on its top-k images."""
-    image_feats = model.get_image_features(image_embeds=image_embeds)
-    text_feats = model.get_text_features(input_ids, attention_mask)
+    image_feats = model.get_image_features(image_embeds=image_embeds).pooler_output
+    text_feats = model.get_text_features(input_ids, attention_mask).pooler_output
     sims_matrix = torch.stack([(image_embed @ text_feats.t()).max(0).values for image_embed in image_feats])
     score_matrix_i2t = torch.full((len(image_embeds), len(input_ids)), -100.0)
     for i, sims in enumerate(sims_matrix):
@@ -69,8 +69,8 @@ def test_scores_equal_the_original_per_query_loops(model, k):
 def test_each_pair_is_scored_once_and_each_image_projected_once(model):
     image_embeds, input_ids, attention_mask = retrieval_data()
     k = 4
-    sims = model.get_image_features(image_embeds=image_embeds).float()
-    similarity = torch.einsum("iqd,td->itq", sims, model.get_text_features(input_ids, attention_mask)).amax(-1)
+    sims = model.get_image_features(image_embeds=image_embeds).pooler_output.float()
+    similarity = torch.einsum("iqd,td->itq", sims, model.get_text_features(input_ids, attention_mask).pooler_output).amax(-1)
     chosen = torch.zeros_like(similarity, dtype=torch.bool)
     chosen.scatter_(1, similarity.topk(k, dim=1).indices, True)
     chosen.t().scatter_(1, similarity.t().topk(k, dim=1).indices, True)

@@ -144,8 +144,8 @@ def test_precomputed_image_features_answer_three_questions_like_full_calls(model
     name, _, ours = model_pair
     pixel_values = prompts(batch_size=1)[0]
     with torch.no_grad():
-        image_features = ours.get_image_features(pixel_values)
-        from_embeds = ours.get_image_features(image_embeds=ours.get_image_embeds(pixel_values))
+        image_features = ours.get_image_features(pixel_values).pooler_output
+        from_embeds = ours.get_image_features(image_embeds=ours.get_image_embeds(pixel_values)).pooler_output
         assert image_features.shape == (1, NUM_QUERY_TOKENS, ours.config.text_config.hidden_size)
         torch.testing.assert_close(from_embeds, image_features, rtol=0, atol=0)
         for seed in range(3):
@@ -277,23 +277,45 @@ def test_hidden_states_and_attentions_are_the_language_models_and_return_dict_fa
     assert torch.equal(recorded.logits, plain.logits)
     assert plain.language_model_outputs.hidden_states is None and plain.language_model_outputs.attentions is None
 
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 4  # loss, logits, image_features, the LLM's outputs
+    # loss, logits, image_features, the LLM's outputs, the image outputs
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 5
     assert torch.equal(as_tuple[0], plain.loss) and plain.loss.item() > 0
     assert torch.equal(as_tuple[1], plain.logits) and torch.equal(as_tuple[2], plain.image_features)
-    assert isinstance(as_tuple[3], tuple)
+    assert isinstance(as_tuple[3], tuple) and isinstance(as_tuple[4], tuple)
+    # The image side reports the tower's and the query pass's own hidden states and attentions.
+    image_outputs = recorded.image_outputs
+    vision_layers = model.config.vision_config.num_hidden_layers
+    assert len(image_outputs.hidden_states) == vision_layers + 1 and len(image_outputs.attentions) == vision_layers
+    assert len(image_outputs.qformer_outputs.hidden_states) == model.config.qformer_config.num_hidden_layers + 1
+    torch.testing.assert_close(image_outputs.pooler_output, plain.image_features)
 
 
 def test_arguments_stage2_cannot_honour_are_refused_by_name():
     model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(attn_implementation="sdpa")).eval()
     pixel_values, input_ids, _ = prompts()
-    with pytest.raises(ValueError, match=r"output_attentions=True, but the language model runs 'sdpa' attention"):
-        model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
     with pytest.raises(ValueError, match=r"interpolate_pos_encoding is not taken .* pass image_embeds"):
         model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True)
     with pytest.raises(ValueError, match=r"mm_encoder_outputs is not taken"):
         model(pixel_values=pixel_values, input_ids=input_ids, mm_encoder_outputs={"image": None, "x": 1})
     with torch.no_grad():  # their "off" values ask for nothing
         model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=False, output_attentions=False)
+
+
+def test_pre_shifted_targets_give_the_loss_of_the_labels_they_shift():
+    # Sequence-parallel training hands the model shift_labels (the target of logit t): the loss must be taken
+    # against them, image positions excluded as for labels.
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config()).eval()
+    pixel_values, input_ids, attention_mask = prompts()
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    shifted = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # image placeholders left in: masked
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        from_labels = model(**inputs, labels=labels).loss
+        from_shift_labels = model(**inputs, labels=labels, shift_labels=shifted).loss
+        other_targets = model(**inputs, labels=labels, shift_labels=shifted.roll(1, dims=1)).loss
+    torch.testing.assert_close(from_shift_labels, from_labels)
+    assert (other_targets - from_labels).abs() > 1e-3
 
 
 @pytest.mark.parametrize("text", sorted(TEXT_CONFIGS))
@@ -345,7 +367,7 @@ def test_images_and_prompts_of_different_batch_sizes_are_a_clear_error():
     with pytest.raises(ValueError, match="input_ids has batch size 3 but there are 2 images"):
         model(pixel_values=pixel_values[:2], input_ids=input_ids)
     with pytest.raises(ValueError, match="input_ids has batch size 3 but there are 1 images"):
-        model.generate(image_features=model.get_image_features(pixel_values[:1]), input_ids=input_ids)
+        model.generate(image_features=model.get_image_features(pixel_values[:1]).pooler_output, input_ids=input_ids)
 
 
 def test_processor_resizing_to_another_size_than_the_tower_is_a_clear_error_at_generate():

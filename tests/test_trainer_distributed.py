@@ -35,7 +35,7 @@ class EqualLengthCaptions(CaptionedImages):
         return super().__getitem__(EQUAL_LENGTH_CAPTIONS[index % len(EQUAL_LENGTH_CAPTIONS)])
 
 
-def hardest_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+def hardest_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor, generator=None) -> torch.Tensor:
     """The most similar non-positive column of each row: ITM's negatives without the random draw, so that one process
     with the doubled batch and two processes pick the same ones."""
     return similarity.masked_fill(positive_mask, float("-inf")).argmax(dim=1)
