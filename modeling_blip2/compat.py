@@ -1,4 +1,4 @@
-"""What differs between the transformers releases blip2-bridge supports (pyproject's range), kept in one place.
+"""What differs between the transformers (and torch) releases blip2-bridge supports (pyproject's range), in one place.
 
 A saved folder carries this module with the model code, so a folder saved under one release loads under another.
 """
@@ -6,6 +6,7 @@ A saved folder carries this module with the model code, so a folder saved under 
 import re
 from dataclasses import fields
 
+import torch
 import transformers
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -39,4 +40,10 @@ def select_hidden_states(hidden_states: tuple | None, requested) -> tuple | None
     return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
 
 
-__all__ = ["CACHE_KEYWORD", "HIDDEN_STATE_INDICES_COUNT_EMBEDDINGS", "pop_cache", "select_hidden_states"]
+def is_traced() -> bool:
+    """Under torch.compile or torch.export: checks that read tensor values (to refuse bad input, or to skip padding)
+    are left out there, since a traced graph cannot branch on data. torch.compiler.is_exporting is torch >= 2.5's."""
+    return torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
+__all__ = ["CACHE_KEYWORD", "HIDDEN_STATE_INDICES_COUNT_EMBEDDINGS", "is_traced", "pop_cache", "select_hidden_states"]

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .compat import is_traced
+
 
 def world_size_and_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -153,7 +155,7 @@ def sample_hard_negatives(
     global one, as the original).
     """
     no_negative = positive_mask.all(dim=1)
-    if no_negative.any():
+    if not is_traced() and no_negative.any():
         raise ValueError(
             f"rows {no_negative.nonzero().flatten().tolist()} of the similarities have no negative: every column is "
             "a positive of theirs (the same image). Drawing one would train ITM on a positive pair labelled 0; give "

@@ -18,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .compat import select_hidden_states
+from .compat import is_traced, select_hidden_states
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .hub import Blip2BridgeHubMixin
 
@@ -345,6 +345,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
 
         Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
         """
+        image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # from a tower that may compute in half precision
         return [
             layer.crossattention.project_key_value(image_embeds) if layer.has_cross_attention else None
             for layer in self.layer
@@ -375,7 +376,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
                         f"(max_position_embeddings={self.config.max_position_embeddings}); truncate it"
                     )
                 position_ids = torch.arange(text_length, device=inputs_embeds.device)[None]
-            elif position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+            elif not is_traced() and position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
                 # Caption generation passes positions step by step; past the table, the lookup would be an IndexError.
                 raise ValueError(
                     f"text position {int(position_ids.max())} is past the Q-Former's position table "
@@ -428,6 +429,12 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         if inputs_embeds is None and query_embeds is None:
             raise ValueError("the Q-Former needs input_ids (or inputs_embeds), query_embeds or both")
         rows = QFormerRows() if rows is None else rows
+        # The Q-Former may compute in another precision than the tower feeding it (kept in float32 by
+        # `_keep_in_fp32_modules` when the model loads in half precision).
+        dtype = self.layernorm.weight.dtype
+        query_embeds, inputs_embeds, image_embeds = (
+            None if tensor is None else tensor.to(dtype) for tensor in (query_embeds, inputs_embeds, image_embeds)
+        )
         past_length = 0 if cache is None else cache.get_seq_length()
         if image_key_values is None and image_embeds is not None and query_embeds is not None:
             image_key_values = self.project_image(image_embeds)
@@ -572,7 +579,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         """Flat indices of the real text tokens, which the feed-forward blocks compute; None: all of them.
 
         Skipping padding there saves the bulk of a padded caption batch's compute."""
-        if attention_mask is None or text_length == 0:
+        if attention_mask is None or text_length == 0 or is_traced():
             return None
         text_token_index = attention_mask[:, -text_length:].reshape(-1).nonzero().squeeze(1)
         if text_token_index.numel() == attention_mask.shape[0] * text_length:

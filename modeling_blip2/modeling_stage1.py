@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .compat import CACHE_KEYWORD, pop_cache
+from .compat import CACHE_KEYWORD, is_traced, pop_cache
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
 from .losses import (
     gather_across_processes,
@@ -91,6 +91,8 @@ def refuse_non_finite_image_embeds(
     image_embeds: torch.Tensor, pixel_values: torch.Tensor | None, across_processes: bool
 ) -> None:
     """NaN or inf image features would surface far away (the ITM sampler's "probability tensor contains inf/nan")."""
+    if is_traced():
+        return
     rows = image_embeds.flatten(1)
     flags = torch.stack([rows.isnan().any(dim=1), rows.isinf().any(dim=1)], dim=1).long()
     world_size, rank = world_size_and_rank()
@@ -125,7 +127,7 @@ def refuse_non_finite_similarities(
 
     Every process sees every gathered image and text in its similarities, so all of them refuse together.
     """
-    if (torch.isfinite(sim_i2t).all() & torch.isfinite(sim_t2i).all()).item():
+    if is_traced() or (torch.isfinite(sim_i2t).all() & torch.isfinite(sim_t2i).all()).item():
         return
     image_rows = rows_where(~torch.isfinite(image_feats.flatten(1)).all(dim=1))
     text_rows = rows_where(~torch.isfinite(text_feats).all(dim=1))
@@ -144,7 +146,7 @@ def refuse_batch_without_negatives(
     images: torch.Tensor, gathered_image_ids: torch.Tensor | None, gathered_size: int, world_size: int
 ) -> None:
     """ITC and ITM contrast each pair with the other images of the gathered batch; with one image there are none."""
-    if has_two_distinct_images(images, gathered_image_ids):
+    if is_traced() or has_two_distinct_images(images, gathered_image_ids):
         return
     if gathered_size == 1:
         reason = "a batch of 1"
@@ -170,6 +172,11 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
 
     config: Blip2BridgeConfig
     hub_auto_classes = ("AutoModelForPreTraining",)
+    # Everything that trains stays float32 when the model loads in half precision (dtype=torch.bfloat16): the
+    # original trains these in float32; the frozen tower computes in the precision asked.
+    _keep_in_fp32_modules = [
+        "query_tokens", "qformer", "vision_layernorm", "vision_proj", "text_proj", "itm_head", "itg_head", "temp"
+    ]
     _tied_weights_keys = {"itg_head.decoder.weight": "qformer.word_embeddings.weight"}
 
     def __init__(self, config: Blip2BridgeConfig):

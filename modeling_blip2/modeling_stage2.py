@@ -102,6 +102,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
     # and the Q-Former never reads the vision tower's own final norm. Not a weight to report as missing.
     _keys_to_ignore_on_load_missing = [r"^vision_model\.post_layernorm\."]
     hub_auto_classes = ("AutoModelForImageTextToText",)
+    # As transformers' BLIP-2: the queries and the Q-Former stay float32 when the model loads in half precision; the
+    # query outputs are cast to the language projection's precision (`project_query_output`).
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
     # Trainer passes `num_items_in_batch` to forward, which normalises the loss by the step's target count: gradient
     # accumulation and data parallelism then give the token mean of the full batch.
     accepts_loss_kwargs = True

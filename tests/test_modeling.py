@@ -485,3 +485,24 @@ def test_captioning_past_the_position_table_is_refused_naming_the_limit():
     assert generated.shape == (1, limit + 1)
     with pytest.raises(ValueError, match=rf"text position {limit} is past .*max_position_embeddings={limit}"):
         model.generate(pixel_values=pixel_values, num_beams=1, max_length=limit + 2, min_length=limit + 2)
+
+
+def test_half_precision_loading_keeps_what_trains_in_float32(tmp_path):
+    # dtype=float16 puts the frozen tower in half precision; what trains (queries, Q-Former, vision LayerNorm, heads,
+    # temperature) stays float32, as the original trains it, and the losses match the float32 model's.
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    half = Blip2BridgeModel.from_pretrained(tmp_path, dtype=torch.float16)
+    dtypes = {name.split(".")[0]: parameter.dtype for name, parameter in half.named_parameters()}
+    assert dtypes.pop("vision_model") == torch.float16
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    torch.manual_seed(0)
+    half_output = half(**inputs)
+    torch.manual_seed(0)
+    full_output = model(**inputs)
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        assert abs(getattr(half_output, name).item() - getattr(full_output, name).item()) < 0.01, name
+    half_output.loss.backward()
+    assert half.query_tokens.grad.dtype == torch.float32 and half.query_tokens.grad.abs().sum() > 0

@@ -391,3 +391,24 @@ def test_from_pretrained_of_a_missing_folder_says_the_folder_is_missing(tmp_path
     # A bare name may be a hub id too: the hub's own error follows the missing folder.
     with pytest.raises(OSError, match=r"^no local folder my-blip2 exists, and as a hub id it could not be loaded: "):
         model_class.from_pretrained("my-blip2")
+
+
+def test_half_precision_loading_keeps_the_queries_and_qformer_in_float32(tmp_path):
+    # As transformers' BLIP-2 (and against fp16 overflow in the Q-Former, LAVIS issue 267): dtype=float16 loads the
+    # tower and the LLM in half precision, the queries and the Q-Former in float32.
+    torch.manual_seed(0)
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config()).eval()
+    model.save_pretrained(tmp_path)
+    half = Blip2BridgeForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    assert half.query_tokens.dtype == torch.float32
+    assert {p.dtype for n, p in half.named_parameters() if n.startswith("qformer.")} == {torch.float32}
+    assert {p.dtype for n, p in half.named_parameters() if n.startswith(("vision_model.", "language_model."))} == {
+        torch.float16
+    }
+    pixel_values, input_ids, attention_mask = prompts()
+    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        full_loss, half_loss = model(**inputs).loss, half(**inputs).loss
+    assert half_loss.dtype == torch.float16 or half_loss.dtype == torch.float32
+    assert abs(half_loss.float().item() - full_loss.item()) < 0.02
