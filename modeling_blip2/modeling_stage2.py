@@ -177,12 +177,18 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))
 
     def _image_outputs(
-        self, pixel_values, image_embeds, image_features, **outputs
+        self, pixel_values, image_embeds, image_features, **query_pass
     ) -> tuple[torch.Tensor, Blip2BridgeImageFeaturesOutput | None]:
-        """(image_features, get_image_features' output, None when image_features were given)."""
+        """(image_features, get_image_features' output, None when image_features were given). query_pass: the
+        instruction (qformer_input_ids, qformer_attention_mask) and the output_* flags of `get_image_features`."""
         if image_features is None:
-            image_outputs = self.get_image_features(pixel_values, image_embeds, return_dict=True, **outputs)
+            image_outputs = self.get_image_features(pixel_values, image_embeds, return_dict=True, **query_pass)
             return image_outputs.pooler_output, image_outputs
+        if query_pass.get("qformer_input_ids") is not None:
+            raise ValueError(
+                "qformer_input_ids and image_features given: image_features already hold what the queries read of "
+                "their instruction; pass pixel_values (or image_embeds) with the instruction instead"
+            )
         return self._resolve_image_features(pixel_values, image_embeds, image_features), None
 
     def _resolve_image_features(self, pixel_values, image_embeds, image_features) -> torch.Tensor:
@@ -256,12 +262,17 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         labels: torch.LongTensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> Blip2BridgeForConditionalGenerationOutput:
         r"""
         pixel_values: (batch, 3, height, width) images, or
         image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, or
-        image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features`.
+        image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features(...).pooler_output`.
+        qformer_input_ids, qformer_attention_mask: (batch, length) the instruction in Q-Former tokens, read by the
+            queries of an instruction-aware (InstructBLIP) model, whose Q-Former is built with `use_text_input=True`;
+            transformers' InstructBLIP names. Without them such a model's queries read the image alone.
         input_ids: (batch, length) LLM token ids holding `num_query_tokens` placeholders of id `config.image_token_id`
             per row; attention_mask: 1 for real tokens.
         labels: decoder-only LLM: (batch, length) targets aligned with `input_ids` (shifted inside the loss), -100
@@ -284,6 +295,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             pixel_values,
             image_embeds,
             image_features,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
             output_attentions=kwargs.get("output_attentions"),
             output_hidden_states=kwargs.get("output_hidden_states"),
         )
@@ -358,6 +371,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Answers or captions through the LLM's `generate` (greedy, beams, sampling, ...), as transformers' BLIP-2.
@@ -367,7 +382,13 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         i.e. captioning. A decoder-only LLM returns the prompt followed by the new tokens; an encoder-decoder one the
         decoder's tokens.
         """
-        image_features = self._resolve_image_features(pixel_values, image_embeds, image_features)
+        image_features, _ = self._image_outputs(
+            pixel_values,
+            image_embeds,
+            image_features,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+        )
         text_config = self.config.text_config
         if input_ids is None:
             start_token_id = text_config.eos_token_id if text_config.is_encoder_decoder else text_config.bos_token_id

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig
 from .compat import select_hidden_states
-from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerOutput
+from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerOutput, QFormerRows
 
 
 @dataclass
@@ -142,12 +142,16 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> "Blip2BridgeImageFeaturesOutput | tuple":
         """The image through the tower and the query pass, as transformers' `get_image_features` returns it:
         `pooler_output` holds this model's image features (`project_query_output`), `last_hidden_state` the features
         the queries read; see `Blip2BridgeImageFeaturesOutput`.
 
         output_attentions, output_hidden_states, return_dict: default to the config's, as in transformers.
+        qformer_input_ids, qformer_attention_mask: an instruction the queries read (InstructBLIP); see
+            `get_query_output`.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -160,14 +164,19 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         else:
             image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)  # refuses both or neither
         query_pass = self.get_query_output(
-            image_embeds, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+            image_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
         )
+        query_output = query_pass.last_hidden_state[:, : self.config.num_query_tokens]
         output = Blip2BridgeImageFeaturesOutput(
             last_hidden_state=image_embeds,
-            pooler_output=self.project_query_output(query_pass.last_hidden_state),
+            pooler_output=self.project_query_output(query_output),
             hidden_states=None if tower_output is None else tower_output.hidden_states,
             attentions=None if tower_output is None else tower_output.attentions,
-            query_output=query_pass.last_hidden_state,
+            query_output=query_output,
             qformer_outputs=query_pass,
         )
         return output if return_dict else output.to_tuple()
@@ -213,17 +222,46 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         image_key_values: list | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ):
         """Runs the learned queries over the images; returns the Q-Former output (with the queries' cache if asked).
 
         image_key_values: `qformer.project_image(image_embeds)`, when the caller already has it.
+        qformer_input_ids, qformer_attention_mask: (batch, length) Q-Former tokens of an instruction, one per image
+            (InstructBLIP, a Q-Former built with `use_text_input=True`): the queries and the instruction share
+            self-attention (bidirectional), only the queries cross-attend to the image. The output then holds the
+            queries' positions only (unless hidden states or attentions are asked for, which cover every position).
         """
-        # One set of learned queries serves every image: the Q-Former computes them once until they meet the images.
+        if qformer_input_ids is None:
+            # One set of learned queries serves every image: computed once until they meet the images.
+            return self.qformer(
+                query_embeds=self.query_tokens,
+                image_embeds=image_embeds,
+                image_key_values=image_key_values,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        if not self.config.qformer_config.use_text_input:
+            raise ValueError(
+                "qformer_input_ids given, but this model's Q-Former reads no text (qformer_config.use_text_input="
+                "False): only an instruction-aware (InstructBLIP) model takes an instruction for its queries"
+            )
+        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[0]
+        if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != num_images:
+            raise ValueError(
+                f"qformer_input_ids has shape {tuple(qformer_input_ids.shape)}; expected ({num_images}, length): one "
+                "instruction per image"
+            )
         return self.qformer(
+            input_ids=qformer_input_ids,
+            attention_mask=qformer_attention_mask,
             query_embeds=self.query_tokens,
             image_embeds=image_embeds,
             image_key_values=image_key_values,
             use_cache=use_cache,
+            rows=QFormerRows(output_rows=self.config.num_query_tokens),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
