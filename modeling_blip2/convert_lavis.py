@@ -1,5 +1,6 @@
 """Converts original LAVIS BLIP-2 checkpoints: stage 1 (`blip2`, `blip2_feature_extractor`) to a `Blip2BridgeModel`,
-stage 2 (`blip2_opt`, `blip2_t5`) to a `Blip2BridgeForConditionalGeneration`.
+stage 2 (`blip2_opt`, `blip2_t5`) and InstructBLIP (`blip2_vicuna_instruct`, `blip2_t5_instruct`) to a
+`Blip2BridgeForConditionalGeneration`.
 
 A LAVIS checkpoint is a `.pth` file `{"model": state_dict, ...}` whose state dict holds
 - `visual_encoder.*`: the frozen image encoder, EVA ViT-g (`lavis/models/eva_vit.py`) or CLIP ViT-L
@@ -11,6 +12,10 @@ A LAVIS checkpoint is a `.pth` file `{"model": state_dict, ...}` whose state dic
   None (`Qformer.cls`, word/position embeddings, every layer's text feed-forward `intermediate`/`output`), so it is not
   in the file, and the frozen LLM (`opt_model.*` / `t5_model.*`) is usually not either: it comes from its own
   pretrained checkpoint (`language_model`). LLM tensors that the file does hold replace the pretrained ones.
+- InstructBLIP (`blip2_vicuna_instruct`: `llm_proj.*`, LLM `llm_model.*`; `blip2_t5_instruct`: `t5_proj.*`, LLM
+  `t5_model.*`): as stage 2, but the Q-Former keeps its text side except `Qformer.cls` (word/position embeddings and
+  every layer's text feed-forward), since it reads the instruction with the queries. Such a checkpoint converts to a
+  stage-2 model whose Q-Former is built with `use_text_input=True` (`qformer_input_ids` in forward/generate).
 
 Files are read with `torch.load(..., weights_only=True)`: a checkpoint can hold tensors, never code.
 
@@ -86,14 +91,34 @@ class LavisStage2Model:
     language_model_prefix: str
     # LAVIS's blip2_t5 runs FlanT5 with exact GELU (`t5_config.dense_act_fn = "gelu"`), not the checkpoint's gelu_new.
     language_model_config: tuple[tuple[str, object], ...] = ()
+    # InstructBLIP: the Q-Former reads the instruction with the queries (`qformer_text_input=True`, LAVIS's default),
+    # so the checkpoint keeps the Q-Former's text side; without it, the queries read the image only.
+    instruction_aware: bool = False
+    # Special tokens LAVIS gives the LLM's tokenizer, in its order, before resizing the LLM's embeddings to it.
+    tokenizer_special_tokens: tuple[tuple[str, str], ...] = ()
 
 
+T5_GELU = (("dense_act_fn", "gelu"),)
 LAVIS_STAGE2_MODELS = (
     LavisStage2Model("blip2_opt", "opt_proj.", "opt_model."),
-    LavisStage2Model("blip2_t5", "t5_proj.", "t5_model.", language_model_config=(("dense_act_fn", "gelu"),)),
+    LavisStage2Model("blip2_t5", "t5_proj.", "t5_model.", language_model_config=T5_GELU),
+    # Blip2VicunaInstruct.__init__: pad "[PAD]" (a new row), and "</s>" as bos, eos and unk: its prompts start with
+    # "</s>", not Llama's "<s>".
+    LavisStage2Model(
+        "blip2_vicuna_instruct",
+        "llm_proj.",
+        "llm_model.",
+        instruction_aware=True,
+        tokenizer_special_tokens=(
+            ("pad_token", "[PAD]"), ("bos_token", "</s>"), ("eos_token", "</s>"), ("unk_token", "</s>")
+        ),
+    ),  # fmt: skip
+    # Blip2T5Instruct names its tensors as Blip2T5 does; its checkpoints differ by the Q-Former's text side.
+    LavisStage2Model(
+        "blip2_t5_instruct", "t5_proj.", "t5_model.", language_model_config=T5_GELU, instruction_aware=True
+    ),
 )
-# InstructBLIP (blip2_vicuna_instruct, blip2_t5_instruct) keeps the Q-Former's text side for the instruction.
-INSTRUCTBLIP_PREFIXES = ("llm_proj.", "llm_model.")
+QFORMER_WORD_EMBEDDINGS = "Qformer.bert.embeddings.word_embeddings.weight"
 # The stage-1 text side, which LAVIS's stage-2 models drop.
 QFORMER_TEXT_SIDE = re.compile(
     r"Qformer\.(cls\.|bert\.embeddings\.(word|position)_embeddings\.|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
@@ -323,21 +348,43 @@ def with_vision_weights(
     return state_dict
 
 
+def keeps_qformer_text_side(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint is of a Q-Former that reads text in stage 2: word embeddings present, and no ITG head
+    (`Qformer.cls`), which every stage-2 model drops and a stage-1 Q-Former saved whole would hold."""
+    return QFORMER_WORD_EMBEDDINGS in state_dict and not any(key.startswith("Qformer.cls.") for key in state_dict)
+
+
+def reads_instruction(state_dict: Mapping[str, torch.Tensor], stage2_model: LavisStage2Model | None) -> bool:
+    """Whether the converted Q-Former reads an instruction: an InstructBLIP checkpoint that keeps its text side."""
+    return stage2_model is not None and stage2_model.instruction_aware and keeps_qformer_text_side(state_dict)
+
+
 def lavis_stage2_model_of(state_dict: Mapping[str, torch.Tensor]) -> LavisStage2Model | None:
     """The LAVIS stage-2 model whose projection the checkpoint holds, or None for a stage-1 checkpoint."""
-    instructblip_keys = sorted(key for key in state_dict if key.startswith(INSTRUCTBLIP_PREFIXES))
-    if instructblip_keys:
-        raise ValueError(
-            f"the checkpoint holds {instructblip_keys[0]!r}: an InstructBLIP checkpoint, whose Q-Former also reads "
-            "the instruction; only BLIP-2 checkpoints (blip2, blip2_feature_extractor, blip2_opt, blip2_t5) convert"
-        )
     found = [
         model
         for model in LAVIS_STAGE2_MODELS
         if any(key.startswith((model.projection_prefix, model.language_model_prefix)) for key in state_dict)
     ]
+    # blip2_t5 and blip2_t5_instruct name their tensors alike: the instruct model's Q-Former keeps its text side.
+    # (Blip2T5Instruct built with qformer_text_input=False computes what Blip2T5 computes.)
+    text_side = keeps_qformer_text_side(state_dict)
+    found = [
+        model
+        for model in found
+        if model.instruction_aware == text_side
+        or not any(other is not model and other.projection_prefix == model.projection_prefix for other in found)
+    ]
     if len(found) > 1:
-        raise ValueError(f"the checkpoint holds the tensors of both {found[0].name} and {found[1].name}")
+        described = []
+        for model in found:
+            prefixes = (model.projection_prefix, model.language_model_prefix)
+            key = min(key for key in state_dict if key.startswith(prefixes))
+            kind = "an InstructBLIP" if model.instruction_aware else "a BLIP-2"
+            described.append(f"{key!r}: {kind} checkpoint ({model.name})")
+        raise ValueError(
+            f"the checkpoint holds {' and '.join(described)}; a checkpoint holds the tensors of one model"
+        )
     return found[0] if found else None
 
 
@@ -409,7 +456,8 @@ def check_language_model_given(stage2_model: LavisStage2Model | None, language_m
     """A stage-2 checkpoint needs its LLM; a stage-1 checkpoint has none."""
     if stage2_model is None and language_model_given:
         raise ValueError(
-            "a language model was given, but this is a stage-1 checkpoint (no opt_proj.* or t5_proj.*), which has none"
+            "a language model was given, but this is a stage-1 checkpoint (no opt_proj.*, t5_proj.* or llm_proj.*), "
+            "which has none"
         )
     if stage2_model is not None and not language_model_given:
         raise ValueError(
@@ -467,14 +515,23 @@ def lavis_config_from_state_dict(
             f"{state_dict[projection_key].shape[0]}, but the language model given ({text_config.model_type}) has "
             f"hidden_size {text_config.hidden_size}; expected the LLM the checkpoint was trained with"
         )
+    qformer_kwargs = qformer_config_kwargs(qformer_config)
+    instruction = reads_instruction(state_dict, stage2_model)
+    if instruction:  # InstructBLIP: the Q-Former's vocabulary is LAVIS's BERT tokenizer with [DEC], as in stage 1
+        check_ranks(state_dict, {QFORMER_WORD_EMBEDDINGS: 2}, "InstructBLIP")
+        vocab_size = state_dict[QFORMER_WORD_EMBEDDINGS].shape[0]
+        qformer_kwargs = {"bos_token_id": vocab_size - 1, **qformer_kwargs, "vocab_size": vocab_size}
     bridge_config = Blip2BridgeConfig(
         vision_config=vision_config,
-        qformer_config=Blip2BridgeQFormerConfig(**qformer_config_kwargs(qformer_config)),
+        qformer_config=Blip2BridgeQFormerConfig(**qformer_kwargs),
         num_query_tokens=state_dict["query_tokens"].shape[1],
         vision_feature_layer=-1,
     )
-    # stage2_config makes the Q-Former read queries only (use_text_input=False), as every stage-2 config.
-    return stage2_config(bridge_config, text_config, image_token_id)
+    # stage2_config makes the Q-Former read queries only (use_text_input=False), as every stage-2 config; an
+    # InstructBLIP Q-Former also reads the instruction (qformer_input_ids), with the text side it keeps.
+    config = stage2_config(bridge_config, text_config, image_token_id)
+    config.qformer_config.use_text_input = instruction
+    return config
 
 
 # ---- conversion -------------------------------------------------------------------------------------------------
@@ -513,7 +570,7 @@ def lavis_weight_rules(
         copy_rule("query_tokens", "query_tokens"),
         *(copy_rule(target, source) for target, source in qformer_sources.items()),
     ]
-    if stage2_model is not None:  # our stage-2 Q-Former has no text side, so the table above holds none
+    if stage2_model is not None:  # the table above holds the text side only where our Q-Former has one (InstructBLIP)
         return [*shared_rules, *copy_module_rules("language_projection", stage2_model.projection_prefix[:-1])]
 
     qformer_sources = parameter_sources(ITG_HEAD_MODULE_SOURCES, our_names, source_prefix=QFORMER_PREFIX)
@@ -539,6 +596,8 @@ def reason_to_ignore(key: str, config: Blip2BridgeConfig, layout: VisionLayout) 
     if key == "Qformer.bert.embeddings.position_ids":
         return "a buffer of position indices"
     if config.text_config is not None and QFORMER_TEXT_SIDE.match(key):
+        if config.qformer_config.use_text_input:  # InstructBLIP: only the ITG head goes unused
+            return "the Q-Former's ITG head, which InstructBLIP does not use (LAVIS drops it)"
         return "the Q-Former's text side, which stage 2 does not use (LAVIS's stage-2 models drop it)"
     if key in TIED_COPIES:
         return f"a tied copy of {TIED_COPIES[key]}"
@@ -671,9 +730,12 @@ def load_lavis_checkpoint(
         tower layout's preset. qformer_config: a BERT-style JSON file or dict; default BERT-base.
     vision_checkpoint: the vision tower's own weights (LAVIS's `eva_vit_g.pth` / `clip_vit_L.pth`), for checkpoints
         saved without their frozen image encoder.
-    language_model: for a stage-2 checkpoint (`blip2_opt`, `blip2_t5`), the pretrained LLM it was trained with (a path
-        or hub id, or a model). tokenizer: its tokenizer; default: the one saved with `language_model` when it is a
-        path. The tokenizer gets "<image>" for `config.image_token_id`.
+    language_model: for a stage-2 checkpoint (`blip2_opt`, `blip2_t5`, `blip2_vicuna_instruct`, `blip2_t5_instruct`),
+        the pretrained LLM it was trained with (a path or hub id, or a model). tokenizer: its tokenizer; default: the
+        one saved with `language_model` when it is a path. The tokenizer gets "<image>" for `config.image_token_id`
+        (and, for `blip2_vicuna_instruct`, LAVIS's special tokens: see `give_lavis_special_tokens`).
+    An InstructBLIP checkpoint gives a model whose Q-Former reads the instruction (`qformer_input_ids`,
+    `qformer_attention_mask`: LAVIS's BERT tokenizer with "[DEC]", bert-base-uncased's for the released checkpoints).
     """
     vision_weights = None if vision_checkpoint is None else load_lavis_state_dict(vision_checkpoint)
     state_dict = with_vision_weights(load_lavis_state_dict(checkpoint_path), vision_weights)
@@ -687,6 +749,7 @@ def load_lavis_checkpoint(
 
     state_dict, language_model_weights = split_language_model_weights(state_dict, stage2_model)
     language_model, tokenizer = lavis_language_model(language_model, tokenizer, stage2_model)
+    give_lavis_special_tokens(language_model, tokenizer, stage2_model)
     if language_model_weights:
         load_language_model_weights(language_model, language_model_weights, stage2_model)
     image_token_id = add_image_token_to_language_model(language_model, tokenizer, None)
@@ -697,6 +760,43 @@ def load_lavis_checkpoint(
     model = assemble_stage2_model(config, convert_lavis_state_dict(state_dict, config), language_model)
     stop_where_lavis_stops(model, tokenizer)
     return model, tokenizer
+
+
+def give_lavis_special_tokens(
+    language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, stage2_model: LavisStage2Model
+) -> None:
+    """The LLM tokenizer's special tokens as LAVIS sets them (blip2_vicuna_instruct: pad "[PAD]", bos/eos/unk "</s>"),
+    and the LLM's embeddings grown to hold the tokenizer, as LAVIS resizes them (Vicuna: 32000 -> 32001 rows).
+
+    A tokenizer that starts every text with its bos token keeps doing so with the new one, as LAVIS's (slow)
+    LlamaTokenizer does: LAVIS's prompts start with "</s>". The "[PAD]" row only ever meets padding, which LAVIS masks.
+    """
+    special_tokens = dict(stage2_model.tokenizer_special_tokens)
+    if not special_tokens:
+        return
+    if tokenizer is None:
+        logger.warning(
+            f"{stage2_model.name} gives its LLM tokenizer the special tokens {special_tokens}; without a tokenizer, "
+            "give them to yours as LAVIS does"
+        )
+        return
+    old_bos_id = tokenizer.bos_token_id
+    starts_with_bos = old_bos_id is not None and tokenizer("a").input_ids[:1] == [old_bos_id]
+    tokenizer.add_special_tokens(special_tokens)
+    if starts_with_bos and tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
+        # A fast tokenizer adds its bos token through its post-processor, which holds the old one until rebuilt.
+        if hasattr(tokenizer, "update_post_processor"):
+            tokenizer.add_bos_token = True
+            tokenizer.update_post_processor()
+        if tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
+            logger.warning(
+                f"the tokenizer does not start texts with its new bos token {tokenizer.bos_token!r}, as LAVIS's does; "
+                f"prepend id {tokenizer.bos_token_id} to prompts to reproduce {stage2_model.name}"
+            )
+    tokenizer.truncation_side = "left"  # LAVIS truncates prompts on the left
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer))
+    logger.info(f"LLM tokenizer given {special_tokens}, as {stage2_model.name} does; {len(tokenizer)} tokens")
 
 
 def stop_where_lavis_stops(model, tokenizer: PreTrainedTokenizerBase | None) -> None:

@@ -1,14 +1,26 @@
 """Stage 2 of BLIP-2: the Q-Former's query outputs, projected to a frozen language model's width, prompt it.
 
 The projected queries replace `num_query_tokens` image placeholder tokens (`config.image_token_id`) in the LLM's input
-ids, as in transformers' `Blip2ForConditionalGeneration`, whose checkpoints this model also loads.
+ids, as in transformers' `Blip2ForConditionalGeneration`, whose checkpoints this model also loads. An instruction-aware
+Q-Former (InstructBLIP) also reads the instruction (`qformer_input_ids`); videos (InstructBLIP-Video) run frame by
+frame, each frame's queries taking `num_query_tokens` placeholders. transformers' InstructBLIP and InstructBLIP-Video
+checkpoints load too.
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Config, GenerationMixin, PreTrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    Blip2Config,
+    Blip2VisionConfig,
+    GenerationMixin,
+    InstructBlipConfig,
+    InstructBlipVideoConfig,
+    PreTrainedConfig,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
@@ -32,6 +44,22 @@ BLIP2_KEY_MAPPING = {
     _LAYER + r"output_query\.dense\.": r"qformer.layer.\1.query_feed_forward.output.",
     _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
 }
+# transformers' InstructBLIP (and InstructBLIP-Video) weight names -> ours: BLIP-2's, plus the Q-Former's text side,
+# which reads the instruction: its embeddings (word and position embeddings, and the LayerNorm that BLIP-2 keeps at
+# `qformer.layernorm` and InstructBLIP at `qformer.embeddings.layernorm`) and each layer's text feed-forward
+# (`intermediate` / `output`, beside the queries' `intermediate_query` / `output_query`).
+INSTRUCTBLIP_KEY_MAPPING = {
+    **BLIP2_KEY_MAPPING,
+    r"^qformer\.embeddings\.": "qformer.",
+    _LAYER + r"intermediate\.dense\.": r"qformer.layer.\1.text_feed_forward.intermediate.",
+    _LAYER + r"output\.dense\.": r"qformer.layer.\1.text_feed_forward.output.",
+    _LAYER + r"output\.LayerNorm\.": r"qformer.layer.\1.text_feed_forward.LayerNorm.",
+}
+# transformers' instruction-aware families: model_type -> (config class, the name of its placeholder token's id).
+INSTRUCTBLIP_FAMILIES = {
+    InstructBlipConfig.model_type: (InstructBlipConfig, "image_token_index"),
+    InstructBlipVideoConfig.model_type: (InstructBlipVideoConfig, "video_token_index"),
+}
 
 logger = logging.get_logger(__name__)
 
@@ -49,18 +77,37 @@ _QFORMER_FIELDS = ("vocab_size", *BERT_HYPERPARAMETERS, "cross_attention_frequen
 
 def config_from_blip2(blip2_config: Blip2Config) -> Blip2BridgeConfig:
     """Our configuration of a transformers `Blip2Config` (model_type "blip-2"), for `BLIP2_KEY_MAPPING`'s weights."""
-    qformer = blip2_config.qformer_config
+    return _config_from_transformers(blip2_config, blip2_config.image_token_index, use_text_input=False)
+
+
+def config_from_instructblip(config: InstructBlipConfig | InstructBlipVideoConfig) -> Blip2BridgeConfig:
+    """Our configuration of transformers' `InstructBlipConfig` (model_type "instructblip") or `InstructBlipVideoConfig`
+    ("instructblipvideo"), for `INSTRUCTBLIP_KEY_MAPPING`'s weights: a Q-Former that reads the instruction
+    (`use_text_input=True`, with InstructBLIP's vocabulary and position table), the placeholder id of the image
+    (`image_token_index`) or of the video (`video_token_index`). The two families hold the same weights; a video's
+    frames each take `num_query_tokens` placeholders."""
+    _, token_name = INSTRUCTBLIP_FAMILIES[config.model_type]
+    return _config_from_transformers(config, getattr(config, token_name), use_text_input=True)
+
+
+def _config_from_transformers(config, image_token_id: int | None, use_text_input: bool) -> Blip2BridgeConfig:
+    qformer = config.qformer_config
+    qformer_fields = {name: getattr(qformer, name) for name in _QFORMER_FIELDS}
+    if use_text_input:
+        qformer_fields["pad_token_id"] = qformer.pad_token_id
+    # InstructBLIP's vision tower is BLIP-2's (same layers, same names) under another model_type.
+    vision_config = {**config.vision_config.to_dict(), "model_type": Blip2VisionConfig.model_type}
     return Blip2BridgeConfig(
-        vision_config=blip2_config.vision_config.to_dict(),
-        qformer_config={**{name: getattr(qformer, name) for name in _QFORMER_FIELDS}, "use_text_input": False},
-        text_config=blip2_config.text_config.to_dict(),
-        num_query_tokens=blip2_config.num_query_tokens,
-        image_token_id=blip2_config.image_token_index,
+        vision_config=vision_config,
+        qformer_config={**qformer_fields, "use_text_input": use_text_input},
+        text_config=config.text_config.to_dict(),
+        num_query_tokens=config.num_query_tokens,
+        image_token_id=image_token_id,
         # The Q-Former reads the last layer's output through the LayerNorm transformers calls `post_layernorm`.
         vision_feature_layer=-1,
-        vision_layer_norm_eps=blip2_config.vision_config.layer_norm_eps,
-        initializer_range=blip2_config.initializer_range,
-        dtype=blip2_config.dtype,  # dtype="auto" loads e.g. Salesforce/blip2-opt-2.7b in its saved float16
+        vision_layer_norm_eps=config.vision_config.layer_norm_eps,
+        initializer_range=config.initializer_range,
+        dtype=config.dtype,  # dtype="auto" loads e.g. Salesforce/blip2-opt-2.7b in its saved float16
     )
 
 
@@ -92,9 +139,14 @@ class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
 class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, GenerationMixin):
     """BLIP-2 stage 2: vision encoder (frozen), queries, Q-Former, language projection and an LLM (frozen by default).
 
-    Stage 2 feeds the Q-Former the queries only. The Q-Former is built as `config.qformer_config` says: the configs
-    that builders, converters and `config_from_blip2` make set `use_text_input=False`, so it carries no text-side
-    weights; a Q-Former configured with `use_text_input=True` keeps them, unused.
+    The Q-Former is built as `config.qformer_config` says: the configs that builders, converters and
+    `config_from_blip2` make set `use_text_input=False`, so it carries no text-side weights and the queries read the
+    image alone. A Q-Former configured with `use_text_input=True` (InstructBLIP, `config_from_instructblip`) keeps them:
+    given `qformer_input_ids`, the queries read the instruction too; without them, the image alone.
+
+    Images are (batch, 3, height, width); videos (batch, frames, 3, height, width), as transformers' InstructBLIP-Video:
+    every frame goes through the tower and the query pass (with the sample's instruction), and the sample's
+    `frames * num_query_tokens` image features fill as many placeholders in its prompt.
     """
 
     config: Blip2BridgeConfig
@@ -133,7 +185,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Also loads transformers' own BLIP-2 checkpoints (model_type "blip-2"), renaming their weights on the way."""
+        """Also loads transformers' own BLIP-2 checkpoints (model_type "blip-2") and InstructBLIP checkpoints
+        ("instructblip", "instructblipvideo"), renaming their weights on the way."""
         if config is None:
             hub_kwargs = {
                 name: kwargs[name]
@@ -142,9 +195,13 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             }
             with explain_missing_folder(pretrained_model_name_or_path):
                 config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-            if config_dict.get("model_type") == Blip2Config.model_type:
+            model_type = config_dict.get("model_type")
+            if model_type == Blip2Config.model_type:
                 config = config_from_blip2(Blip2Config.from_dict(config_dict))
                 kwargs["key_mapping"] = {**BLIP2_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+            elif model_type in INSTRUCTBLIP_FAMILIES:
+                config = config_from_instructblip(INSTRUCTBLIP_FAMILIES[model_type][0].from_dict(config_dict))
+                kwargs["key_mapping"] = {**INSTRUCTBLIP_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         if "key_mapping" in kwargs:
             # transformers would save the weights back under the names they were loaded from; ours are the names now.
@@ -176,6 +233,70 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         to `forward`/`generate` for every question."""
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))
 
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> "Blip2BridgeImageFeaturesOutput | tuple":
+        """The images (or videos) through the tower and the query pass; see `Blip2BridgeImageQueryModel`'s.
+
+        Videos, as transformers' InstructBLIP-Video: pixel_values (batch, frames, 3, height, width) or image_embeds
+        (batch, frames, image_length, vision_width). The frames run as one batch of images, each with its sample's
+        instruction (qformer_input_ids / qformer_attention_mask: (batch, length), repeated per frame); `pooler_output`
+        and `query_output` then hold each sample's frames one after the other, (batch, frames * num_query_tokens,
+        width), what fills the prompt's `frames * num_query_tokens` placeholders; the other fields hold one row per
+        frame (batch * frames, ...).
+        """
+        video = pixel_values if pixel_values is not None and pixel_values.dim() == 5 else None
+        if video is None and pixel_values is None and image_embeds is not None and image_embeds.dim() == 4:
+            video = image_embeds
+        if video is None:
+            return super().get_image_features(
+                pixel_values,
+                image_embeds,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                qformer_input_ids=qformer_input_ids,
+                qformer_attention_mask=qformer_attention_mask,
+            )
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("pass exactly one of pixel_values and image_embeds")
+        batch_size, frames = video.shape[:2]
+        if 0 in (batch_size, frames):
+            raise ValueError(f"the video has shape {tuple(video.shape)}; expected at least one video of one frame")
+        frames_as_images = video.flatten(0, 1)
+        if qformer_input_ids is not None:
+            if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != batch_size:
+                raise ValueError(
+                    f"qformer_input_ids has shape {tuple(qformer_input_ids.shape)}; expected ({batch_size}, length): "
+                    "one instruction per video, read with each of its frames"
+                )
+            qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        output = super().get_image_features(
+            frames_as_images if pixel_values is not None else None,
+            frames_as_images if pixel_values is None else None,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+        )
+        output.pooler_output = output.pooler_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
+        output.query_output = output.query_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
     def _image_outputs(
         self, pixel_values, image_embeds, image_features, **query_pass
     ) -> tuple[torch.Tensor, Blip2BridgeImageFeaturesOutput | None]:
@@ -197,9 +318,15 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         if pixel_values is not None or image_embeds is not None:
             raise ValueError("pass exactly one of pixel_values, image_embeds and image_features")
         num_query_tokens, width = self.config.num_query_tokens, self.config.text_config.hidden_size
-        if image_features.dim() != 3 or tuple(image_features.shape[1:]) != (num_query_tokens, width):
+        if (
+            image_features.dim() != 3
+            or image_features.shape[-1] != width
+            or image_features.shape[1] == 0
+            or image_features.shape[1] % num_query_tokens
+        ):
             raise ValueError(
-                f"image_features has shape {tuple(image_features.shape)}; expected (batch, {num_query_tokens}, {width})"
+                f"image_features has shape {tuple(image_features.shape)}; expected (batch, {num_query_tokens}, {width}) "
+                f"for images, (batch, frames * {num_query_tokens}, {width}) for videos"
             )
         return image_features
 
@@ -215,11 +342,18 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             )
         is_image = input_ids == image_token_id
         counts = is_image.sum(dim=1)
-        num_query_tokens = self.config.num_query_tokens
-        if (counts != num_query_tokens).any():
+        # num_query_tokens per image; per frame for a video (transformers' InstructBLIP-Video).
+        num_query_tokens, expected = self.config.num_query_tokens, image_features.shape[1]
+        if (counts != expected).any():
+            frames = expected // num_query_tokens
+            expectation = (
+                f"{expected} in every row (num_query_tokens={num_query_tokens} for each of {frames} frames)"
+                if frames > 1
+                else f"num_query_tokens={num_query_tokens} in every row"
+            )
             raise ValueError(
                 f"input_ids rows hold {counts.tolist()} image placeholder tokens (id {image_token_id}); expected "
-                f"num_query_tokens={num_query_tokens} in every row"
+                + expectation
             )
         inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -267,14 +401,16 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         **kwargs,
     ) -> Blip2BridgeForConditionalGenerationOutput:
         r"""
-        pixel_values: (batch, 3, height, width) images, or
-        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, or
-        image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features(...).pooler_output`.
+        pixel_values: (batch, 3, height, width) images or (batch, frames, 3, height, width) videos, or
+        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm (a video: (batch, frames,
+            image_length, vision_width)), or
+        image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features(...).pooler_output`
+            (a video: (batch, frames * num_query_tokens, llm_hidden_size)).
         qformer_input_ids, qformer_attention_mask: (batch, length) the instruction in Q-Former tokens, read by the
             queries of an instruction-aware (InstructBLIP) model, whose Q-Former is built with `use_text_input=True`;
             transformers' InstructBLIP names. Without them such a model's queries read the image alone.
         input_ids: (batch, length) LLM token ids holding `num_query_tokens` placeholders of id `config.image_token_id`
-            per row; attention_mask: 1 for real tokens.
+            per row (per frame for a video: `frames * num_query_tokens`); attention_mask: 1 for real tokens.
         labels: decoder-only LLM: (batch, length) targets aligned with `input_ids` (shifted inside the loss), -100
             ignored; the image positions never count. Encoder-decoder LLM: the decoder's targets, as T5's `labels`
             (decoder_input_ids default to them shifted right).
@@ -380,7 +516,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         input_ids: the prompts with their image placeholders (left-pad batched prompts); default the placeholders
         followed by the LLM's BOS (decoder-only) or EOS (encoder-decoder, as T5's tokenizer ends an empty prompt),
         i.e. captioning. A decoder-only LLM returns the prompt followed by the new tokens; an encoder-decoder one the
-        decoder's tokens.
+        decoder's tokens. pixel_values, image_embeds, image_features, qformer_input_ids, qformer_attention_mask: as for
+        `forward` (images or videos; the instruction an instruction-aware Q-Former reads).
         """
         image_features, _ = self._image_outputs(
             pixel_values,
@@ -392,7 +529,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         text_config = self.config.text_config
         if input_ids is None:
             start_token_id = text_config.eos_token_id if text_config.is_encoder_decoder else text_config.bos_token_id
-            start_tokens = [self.config.image_token_id] * self.config.num_query_tokens
+            start_tokens = [self.config.image_token_id] * image_features.shape[1]  # frames * queries for a video
             start_tokens += [] if start_token_id is None else [start_token_id]
             input_ids = torch.tensor([start_tokens], device=image_features.device).repeat(image_features.shape[0], 1)
         if attention_mask is None:
@@ -406,4 +543,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         return self.language_model.generate(**inputs, **generate_kwargs)
 
 
-__all__ = ["BLIP2_KEY_MAPPING", "Blip2BridgeForConditionalGeneration", "Blip2BridgeForConditionalGenerationOutput"]
+__all__ = [
+    "BLIP2_KEY_MAPPING",
+    "INSTRUCTBLIP_KEY_MAPPING",
+    "Blip2BridgeForConditionalGeneration",
+    "Blip2BridgeForConditionalGenerationOutput",
+]

@@ -10,6 +10,10 @@ The file imports nothing from blip2-bridge, so a saved stage-2 folder carries it
 
 from transformers import GenerationConfig
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline, ReturnType
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 class Blip2BridgeImageToTextPipeline(ImageTextToTextPipeline):
@@ -25,6 +29,10 @@ class Blip2BridgeImageToTextPipeline(ImageTextToTextPipeline):
 
     Generation defaults to at most 30 new tokens, the original's caption length; pass `max_new_tokens`,
     `num_beams`, ... or `generate_kwargs` to change it.
+
+    An instruction-aware model (InstructBLIP: its Q-Former reads text) gets the prompt twice, as the LLM's prompt and
+    as the Q-Former's instruction (`qformer_input_ids`), when its processor holds the Q-Former's tokenizer (saved in
+    the model folder's `qformer_tokenizer/`).
     """
 
     _default_generation_config = GenerationConfig(max_new_tokens=30)
@@ -38,12 +46,20 @@ class Blip2BridgeImageToTextPipeline(ImageTextToTextPipeline):
                 f"the processor's image token has id {processor_token_id} but the model's config.image_token_id is "
                 f"{model_token_id}; expected the same id (save the processor that was used to build the model)"
             )
+        qformer_config = getattr(self.model.config, "qformer_config", None)
+        if getattr(qformer_config, "use_text_input", False) and getattr(self.processor, "qformer_tokenizer", None) is None:
+            logger.warning(
+                "the model's Q-Former reads an instruction (qformer_config.use_text_input=True) but the processor has no "
+                "Q-Former tokenizer: its queries will read the image alone. Save the processor with its "
+                "qformer_tokenizer (Blip2BridgeProcessor(..., qformer_tokenizer=...)) in the model folder"
+            )
 
     def __call__(self, images, prompt: str | None = None, **kwargs):
         """
         Args:
             images: one image (PIL image, path or URL) or a list of them.
-            prompt: optional text the caption continues; default none.
+            prompt: optional text the caption continues; default none. An instruction-aware model's Q-Former reads it
+                too (the empty prompt: [CLS] [SEP]).
 
         Returns:
             For one image a list with one `{"generated_text": ...}` per returned sequence; for a list of images one

@@ -2,12 +2,17 @@
 
 Stage 1 tokenises captions with the Q-Former's BERT-style tokenizer. Stage 2 tokenises prompts with the language
 model's tokenizer and puts `num_query_tokens` image placeholder tokens in front of them, as transformers'
-`Blip2Processor` does, whose saved files this processor also loads.
+`Blip2Processor` does, whose saved files this processor also loads. An instruction-aware stage 2 (InstructBLIP) also
+tokenises the prompt with the Q-Former's tokenizer, as transformers' `InstructBlipProcessor` does, whose saved files
+(the Q-Former's tokenizer in `qformer_tokenizer/`) this processor loads too.
 """
 
-from transformers import AddedToken, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+import os
+
+from transformers import AddedToken, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import cached_file
 
 
 # LAVIS's `max_txt_len` for BLIP-2 pre-training (Blip2Qformer): stage-1 texts are cut to 32 tokens, [CLS] and [SEP]
@@ -16,6 +21,11 @@ BLIP2_MAX_TEXT_LENGTH = 32
 # The placeholder transformers' Blip2Processor adds to the language model's tokenizer; the model replaces the
 # embeddings of these tokens by its projected query outputs. Defined here only: builders and collators import it.
 IMAGE_TOKEN = "<image>"
+# The sub-folder of a saved processor that holds the Q-Former's tokenizer, where transformers' InstructBlipProcessor
+# saves it.
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"
+# Hub arguments of `from_pretrained` that also locate the Q-Former's tokenizer.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -58,6 +68,12 @@ class Blip2BridgeProcessor(ProcessorMixin):
             Stage 2 takes none: its limit is the language model tokenizer's `model_max_length`.
         chat_template: optional Jinja chat template. BLIP-2 models answer plain prompts ("Question: {} Answer:"), so
             none is set by default.
+        qformer_tokenizer: stage 2 of an instruction-aware model (InstructBLIP, a Q-Former built with
+            `use_text_input=True`): the Q-Former's BERT-style tokenizer. Every prompt is then also returned in its
+            tokens, as `qformer_input_ids` and `qformer_attention_mask` (the same padding, truncation and `max_length`
+            as the prompt, as transformers' `InstructBlipProcessor`, but padded on the Q-Former tokenizer's own side,
+            as the original InstructBLIP), which the model's queries read. Saved in `qformer_tokenizer/` and loaded
+            from there, as transformers' InstructBlipProcessor saves it.
     """
 
     # A saved processor carries this file and its `auto_map` (the file imports nothing from blip2-bridge), so that
@@ -71,8 +87,20 @@ class Blip2BridgeProcessor(ProcessorMixin):
         num_query_tokens: int | None = None,
         max_text_length: int | None = None,
         chat_template=None,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
         **kwargs,
     ):
+        if qformer_tokenizer is not None:
+            if num_query_tokens is None:
+                raise ValueError(
+                    "qformer_tokenizer given without num_query_tokens: the Q-Former's tokenizer reads the instruction of "
+                    "a stage-2 model; a stage-1 processor's tokenizer is the Q-Former's already"
+                )
+            if not isinstance(qformer_tokenizer, PreTrainedTokenizerBase):
+                raise TypeError(f"qformer_tokenizer is a {type(qformer_tokenizer).__name__}; expected a tokenizer")
+        # Not one of ProcessorMixin's attributes: it is optional, and saved and loaded here (save_pretrained,
+        # from_pretrained) in the sub-folder where transformers' InstructBlipProcessor keeps it.
+        self.qformer_tokenizer = qformer_tokenizer
         if num_query_tokens is None:
             if tokenizer.cls_token is None:
                 raise ValueError(
@@ -98,6 +126,57 @@ class Blip2BridgeProcessor(ProcessorMixin):
     @property
     def is_stage2(self) -> bool:
         return self.num_query_tokens is not None
+
+    @property
+    def is_instruction_aware(self) -> bool:
+        """Prompts also go to the Q-Former (`qformer_input_ids`), for an instruction-aware (InstructBLIP) model."""
+        return self.qformer_tokenizer is not None
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        # ProcessorMixin takes every `*_tokenizer` argument for a required sub-processor; the Q-Former's is optional.
+        return [name for name in super().get_attributes() if name != "qformer_tokenizer"]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = super().model_input_names
+        return [*names, "qformer_input_ids", "qformer_attention_mask"] if self.is_instruction_aware else names
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Also reads the Q-Former's tokenizer from the folder's `qformer_tokenizer/` when it has one (a processor of
+        an instruction-aware model, ours or transformers' InstructBlipProcessor), or takes `qformer_tokenizer=`."""
+        qformer_tokenizer = kwargs.pop("qformer_tokenizer", None)
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if qformer_tokenizer is None and processor.is_stage2:
+            qformer_tokenizer = load_qformer_tokenizer(
+                pretrained_model_name_or_path, **{name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+            )
+        if qformer_tokenizer is not None:
+            if not processor.is_stage2:
+                raise ValueError("qformer_tokenizer given for a stage-1 processor (no num_query_tokens)")
+            processor.qformer_tokenizer = qformer_tokenizer
+        return processor
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Saves as ProcessorMixin does, and the Q-Former's tokenizer (if any) in `qformer_tokenizer/`."""
+        if self.qformer_tokenizer is None:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        saved = super().save_pretrained(save_directory)
+        self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, QFORMER_TOKENIZER_FOLDER))
+        if push_to_hub:
+            # ProcessorMixin uploads the files its own save wrote; push_to_hub saves everything to a fresh folder.
+            repo_id = kwargs.pop("repo_id", str(save_directory).split(os.path.sep)[-1])
+            self.push_to_hub(repo_id, **kwargs)
+        return saved
+
+    def to_dict(self) -> dict:
+        # The Q-Former's tokenizer is saved in its own folder, not in processor_config.json.
+        qformer_tokenizer = self.__dict__.pop("qformer_tokenizer", None)
+        try:
+            return super().to_dict()
+        finally:
+            self.__dict__["qformer_tokenizer"] = qformer_tokenizer
 
     @property
     def image_token_id(self) -> int | None:
@@ -159,7 +238,8 @@ class Blip2BridgeProcessor(ProcessorMixin):
             kwargs: further image-processor or tokenizer arguments (e.g. `size`, `add_special_tokens`).
 
         Returns:
-            A `BatchFeature` with `pixel_values` when images are given, `input_ids` and `attention_mask` when text is.
+            A `BatchFeature` with `pixel_values` when images are given, `input_ids` and `attention_mask` when text is,
+            and with a `qformer_tokenizer` the text in its tokens, `qformer_input_ids` and `qformer_attention_mask`.
         """
         if images is None and text is None:
             raise ValueError(f"{type(self).__name__} needs images, text or both; got neither")
@@ -186,6 +266,8 @@ class Blip2BridgeProcessor(ProcessorMixin):
                 "return_token_type_ids": False,
             }
             if self.is_stage2:
+                if self.is_instruction_aware:
+                    encoding.update(self._encode_instructions(texts, truncation, max_length, dict(text_kwargs)))
                 encoding.update(self._encode_prompts(texts, images is not None, truncation, max_length, text_kwargs))
             else:
                 text_kwargs["truncation"] = True if truncation is None else truncation
@@ -194,6 +276,26 @@ class Blip2BridgeProcessor(ProcessorMixin):
 
         encoding = {name: value for name, value in encoding.items() if name not in self.unused_input_names}
         return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def _encode_instructions(self, texts, truncation, max_length, text_kwargs) -> dict:
+        """The prompts in the Q-Former's tokens ([CLS] ... [SEP]), as transformers' InstructBlipProcessor makes them:
+        the prompt's padding, truncation and `max_length` (which counts no placeholder here). Padding goes on the
+        Q-Former tokenizer's own side (BERT's: right), as the original InstructBLIP (LAVIS) and our collators pad
+        the instruction, whose positions then start at 0 in every row; transformers' InstructBlipProcessor takes the
+        LLM tokenizer's side instead (left for batched generation)."""
+        text_kwargs.pop("padding_side", None)  # the LLM tokenizer's, merged into the text kwargs
+        truncation = False if truncation is None else truncation
+        if max_length is not None:
+            text_kwargs["max_length"] = max_length
+        encoded = self.qformer_tokenizer(texts, truncation=truncation, **text_kwargs)
+        limit = self.qformer_tokenizer.model_max_length if max_length is None else max_length
+        longest = max(len(ids) for ids in encoded["input_ids"])
+        if limit is not None and limit < VERY_LARGE_INTEGER and longest > limit and not truncation:
+            raise ValueError(
+                f"the longest prompt is {longest} Q-Former tokens; the Q-Former's tokenizer takes at most {limit} "
+                "(max_length or its model_max_length); shorten it or pass truncation=True"
+            )
+        return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
 
     def _encode_prompts(self, texts, with_images: bool, truncation, max_length, text_kwargs) -> dict:
         """Language-model tokens of `texts`, after `num_query_tokens` image placeholders when there are images."""
@@ -260,6 +362,23 @@ def check_texts(text, allow_empty: bool = False) -> list[str]:
         if not allow_empty and not sample.strip():
             raise ValueError(f"{name} is {sample!r}; expected a non-empty string")
     return texts
+
+
+def load_qformer_tokenizer(pretrained_model_name_or_path, subfolder: str = "", **hub_kwargs):
+    """The Q-Former's tokenizer saved in `qformer_tokenizer/` of a processor folder (local or on the Hub), or None
+    when the folder has none."""
+    folder = os.path.join(subfolder, QFORMER_TOKENIZER_FOLDER) if subfolder else QFORMER_TOKENIZER_FOLDER
+    found = cached_file(
+        pretrained_model_name_or_path,
+        "tokenizer_config.json",
+        subfolder=folder,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if found is None:
+        return None
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=folder, **hub_kwargs)
 
 
 __all__ = ["Blip2BridgeProcessor"]

@@ -36,9 +36,16 @@ from ..processing import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from ..processing.processing_blip2_bridge import add_image_token
 from .arguments import Blip2BridgeTrainingArguments, recipe_scheduler_kwargs, recipe_values
 from .augmentation import RandomAugment, RandomResizedCropAndFlip
-from .collators import CaptionLMCollator, ImageCaptionCollator
+from .collators import (
+    DEFAULT_INSTRUCTION_TEXT_TOKENS,
+    DEFAULT_QFORMER_INSTRUCTION_TOKENS,
+    CaptionLMCollator,
+    ImageCaptionCollator,
+    InstructionTuningCollator,
+)
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
-from .datasets import load_annotation_file, load_image_folder, load_webdataset
+from .datasets import load_annotation_file, load_image_folder, load_instruction_annotations, load_webdataset
+from .instructions import INSTRUCTION_TEMPLATES, mix_datasets
 from .trainer import LATEST_CHECKPOINT, Blip2BridgeTrainer, checkpoint_folders, resolve_checkpoint
 
 
@@ -80,6 +87,13 @@ class ModelArguments:
         metadata={
             "help": "stage 1: the Q-Former's tokenizer; stage 2: the LLM's. Default: the model's folder, else "
             "the BERT (stage 1) or LLM (stage 2) path"
+        },
+    )
+    qformer_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "stage 2 with --instruction_data and an instruction-aware Q-Former (use_text_input): the "
+            "Q-Former's BERT tokenizer; default MODEL/qformer_tokenizer (where training saves it)"
         },
     )
     num_query_tokens: int = field(default=32, metadata={"help": "queries of a Q-Former built from scratch"})
@@ -135,6 +149,35 @@ class DataArguments:
     random_augment: bool = field(
         default=False,
         metadata={"help": "BLIP's RandomAugment(2, 5) after crop + flip, as the original's configs give Visual Genome"},
+    )
+    instruction_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "stage 2 instruction tuning (InstructBLIP): task datasets to mix, each "
+            "'task=TASK,file=PATH[,image_root=DIR][,weight=W][,name=NAME]' (TASK: "
+            f"{', '.join(INSTRUCTION_TEMPLATES)}; image_root default --image_root; a config file may give mappings "
+            "with these keys); drawn in proportion to sqrt(size) (the paper's), or to the weights given (relative; a "
+            "dataset without one weighs sqrt(size)); each sample wrapped in a random template of its task",
+            "nargs": "+",
+        },
+    )
+    instruction_max_length: int = field(
+        default=DEFAULT_INSTRUCTION_TEXT_TOKENS,
+        metadata={"help": "--instruction_data: LLM text tokens per sample, instruction and target (LAVIS InstructBLIP "
+                  "max_txt_len)"},
+    )
+    qformer_max_length: int = field(
+        default=DEFAULT_QFORMER_INSTRUCTION_TOKENS,
+        metadata={"help": "--instruction_data: the Q-Former's instruction tokens, [CLS] and [SEP] included (at most "
+                  "the Q-Former's max_position_embeddings)"},
+    )
+    mixing_stopping_strategy: str = field(
+        default="all_exhausted",
+        metadata={
+            "help": "--instruction_data: all_exhausted (every dataset drawn through at least once, smaller ones "
+            "repeat) or first_exhausted (the mixture ends with the first dataset to end)",
+            "choices": ["all_exhausted", "first_exhausted"],
+        },
     )
 
 
@@ -326,13 +369,71 @@ def load_image_processor(model_args: ModelArguments, model) -> Blip2BridgeImageP
     return Blip2BridgeImageProcessor(size={"height": image_size, "width": image_size})
 
 
-def load_train_dataset(data_args: DataArguments):
-    """One dataset from the annotation files, the image folder or the shards (exactly one of them)."""
-    sources = [bool(data_args.annotation_files), data_args.image_folder is not None, bool(data_args.shards)]
+INSTRUCTION_DATA_KEYS = ("task", "file", "image_root", "weight", "name")
+
+
+def parse_instruction_data(entry, default_image_root: str | None) -> dict:
+    """One --instruction_data entry, 'task=vqa,file=vqa.json,image_root=images,weight=2,name=vqav2' or a mapping
+    with these keys (a config file's list), as {task, file, image_root, weight (None: sqrt(size)), name (default the
+    file's stem)}."""
+    if isinstance(entry, str):
+        pairs = [part.partition("=") for part in entry.split(",") if part.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError(f"--instruction_data entry {entry!r}; expected KEY=VALUE pairs separated by commas")
+        entry = {key.strip(): value.strip() for key, _, value in pairs}
+    if not isinstance(entry, dict):
+        raise ValueError(f"--instruction_data entry {entry!r}; expected 'task=...,file=...' or a mapping")
+    unknown = sorted(set(entry) - set(INSTRUCTION_DATA_KEYS))
+    missing = [key for key in ("task", "file") if not entry.get(key)]
+    if unknown or missing:
+        raise ValueError(
+            f"--instruction_data entry {entry}: " + (f"unknown keys {unknown}" if unknown else f"no {missing}")
+            + f"; the keys are {list(INSTRUCTION_DATA_KEYS)} (task and file required)"
+        )
+    if entry["task"] not in INSTRUCTION_TEMPLATES:
+        raise ValueError(f"--instruction_data entry {entry}: task {entry['task']!r}; expected one of "
+                         f"{sorted(INSTRUCTION_TEMPLATES)}")
+    image_root = entry.get("image_root", default_image_root)
+    if image_root is None:
+        raise ValueError(f"--instruction_data entry {entry} has no image_root, and no --image_root is given")
+    weight = entry.get("weight")
+    try:
+        weight = None if weight is None else float(weight)
+    except ValueError as error:
+        raise ValueError(f"--instruction_data entry {entry}: weight {weight!r} is not a number") from error
+    name = str(entry.get("name") or Path(entry["file"]).stem)
+    return {"task": entry["task"], "file": str(entry["file"]), "image_root": str(image_root), "weight": weight,
+            "name": name}
+
+
+def load_instruction_mixture(data_args: DataArguments, seed: int = 0):
+    """--instruction_data's datasets, each with its task column, mixed by `mix_datasets` (sqrt-size or given
+    weights)."""
+    entries = [parse_instruction_data(entry, data_args.image_root) for entry in data_args.instruction_data]
+    named, weights = {}, {}
+    for entry in entries:
+        name = entry["name"]
+        if name in named:
+            raise ValueError(f"--instruction_data: two datasets named {name!r}; give one a name=...")
+        named[name] = load_instruction_annotations(entry["file"], entry["image_root"], entry["task"])
+        if entry["weight"] is not None:
+            weights[name] = entry["weight"]
+    return mix_datasets(named, weights=weights, seed=seed, stopping_strategy=data_args.mixing_stopping_strategy)
+
+
+def load_train_dataset(data_args: DataArguments, seed: int = 0):
+    """One dataset from the annotation files, the image folder, the shards or the instruction data (exactly one of
+    them); `seed` fixes the instruction data's mixing draws."""
+    sources = [bool(data_args.annotation_files), data_args.image_folder is not None, bool(data_args.shards),
+               bool(data_args.instruction_data)]
     if sum(sources) != 1:
         raise ValueError(
-            "give exactly one data source: --annotation_files (with --image_root), --image_folder or --shards"
+            "give exactly one data source: --annotation_files (with --image_root), --image_folder, --shards or "
+            "--instruction_data"
         )
+    if data_args.instruction_data:
+        dataset = load_instruction_mixture(data_args, seed)
+        return dataset.to_iterable_dataset() if data_args.streaming else dataset
     if data_args.shards:
         return load_webdataset(data_args.shards)
     if data_args.image_folder is not None:
@@ -353,6 +454,8 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
             scale=(data_args.min_crop_scale, 1.0),
             random_augment=RandomAugment() if data_args.random_augment else None,
         )
+    if model_args.stage == 1 and data_args.instruction_data:
+        raise ValueError("--instruction_data trains stage 2 (the LLM reads the instructions); pass --stage 2")
     if model_args.stage == 1:
         processor = Blip2BridgeProcessor(image_processor, tokenizer, max_text_length=data_args.max_text_length)
         collator = ImageCaptionCollator(
@@ -364,6 +467,26 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
         )
         return collator, processor
     text_config = model.config.text_config
+    end_of_text = default_end_of_text(text_config) if data_args.end_of_text is None else data_args.end_of_text
+    processor = Blip2BridgeProcessor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens)
+    if data_args.instruction_data:
+        collator = InstructionTuningCollator(
+            image_processor,
+            tokenizer,
+            model.config.num_query_tokens,
+            is_encoder_decoder=text_config.is_encoder_decoder,
+            qformer_tokenizer=load_qformer_tokenizer(model_args, model),
+            # Positions of the Q-Former's text start at 0: at most max_position_embeddings instruction tokens.
+            qformer_max_length=min(
+                data_args.qformer_max_length, model.config.qformer_config.max_position_embeddings
+            ),
+            max_words=data_args.max_words,
+            max_length=data_args.instruction_max_length,
+            end_of_text=end_of_text,
+            image_transform=augmentation,
+            skipped=skipped,
+        )
+        return collator, processor
     collator = CaptionLMCollator(
         image_processor,
         tokenizer,
@@ -374,12 +497,37 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
         split_captions=data_args.split_captions,
         max_words=data_args.max_words,
         max_length=data_args.max_text_length,
-        end_of_text=default_end_of_text(text_config) if data_args.end_of_text is None else data_args.end_of_text,
+        end_of_text=end_of_text,
         image_transform=augmentation,
         skipped=skipped,
     )
     # Saved with the model, so that AutoProcessor and the pipelines read the trained folder as they read any other.
-    return collator, Blip2BridgeProcessor(image_processor, tokenizer, num_query_tokens=model.config.num_query_tokens)
+    return collator, processor
+
+
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # as transformers' InstructBlipProcessor saves it
+
+
+def load_qformer_tokenizer(model_args: ModelArguments, model):
+    """The Q-Former's tokenizer for an instruction-aware model (None for a Q-Former that reads no text: its LLM still
+    reads the instructions): --qformer_tokenizer_name_or_path, else the model folder's qformer_tokenizer/."""
+    if not model.config.qformer_config.use_text_input:
+        logger.warning(
+            "--instruction_data with a Q-Former that reads no text (qformer_config.use_text_input=False): the "
+            "instructions reach the LLM only, not the queries"
+        )
+        return None
+    path = model_args.qformer_tokenizer_name_or_path
+    if path is None and model_args.model_name_or_path is not None:
+        folder = Path(model_args.model_name_or_path, QFORMER_TOKENIZER_FOLDER)
+        path = str(folder) if folder.is_dir() else None
+    if path is None:
+        raise ValueError(
+            "an instruction-aware model (qformer_config.use_text_input) reads its instructions with the Q-Former's "
+            "BERT tokenizer: pass --qformer_tokenizer_name_or_path (the model folder has no "
+            f"{QFORMER_TOKENIZER_FOLDER}/)"
+        )
+    return AutoTokenizer.from_pretrained(path)
 
 
 def make_trainer(model, training_args, train_dataset, data_collator, processing_class) -> Blip2BridgeTrainer:
@@ -441,7 +589,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: B
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     image_processor = load_image_processor(model_args, model)
-    train_dataset = load_train_dataset(data_args)
+    train_dataset = load_train_dataset(data_args, seed=training_args.seed)
     is_streaming = not hasattr(train_dataset, "__len__")
     if is_streaming and training_args.max_steps <= 0:
         raise ValueError("streamed data has no length: give --max_steps, the number of optimiser steps to train")
@@ -454,6 +602,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: B
     trainer.save_state()
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(training_args.output_dir)
+        qformer_tokenizer = getattr(collator, "qformer_tokenizer", None)
+        if qformer_tokenizer is not None:
+            qformer_tokenizer.save_pretrained(Path(training_args.output_dir, QFORMER_TOKENIZER_FOLDER))
 
     # Each process counts the samples it collated; the summary adds up all processes.
     counts = torch.tensor([skipped.used, *skipped.counts.values()], device=trainer.accelerator.device)

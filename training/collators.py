@@ -9,12 +9,17 @@ Stage 1 (`ImageCaptionCollator`) returns the Q-Former's inputs from the stage-1 
 inputs with `num_query_tokens` image placeholders first, as transformers' `Blip2Processor` lays them out, and `labels`
 that are -100 everywhere but on the target text (caption, answer or response) and the end-of-text token:
 
-- decoder-only LLMs (`CaptionLMCollator`, `VQACollator`, `InstructionCollator` with `is_encoder_decoder=False`):
+- decoder-only LLMs (`CaptionLMCollator`, `VQACollator`, `InstructionCollator`, `InstructionTuningCollator` with
+  `is_encoder_decoder=False`):
   `[image placeholders] [BOS] prompt target [EOS] [padding]`, labels on `target [EOS]` only;
 - encoder-decoder LLMs (`is_encoder_decoder=True`), as LAVIS's `Blip2T5.forward`: the placeholders and the prompt go to
   the encoder (`input_ids`), the target to the decoder (`labels`, padding -100, with `decoder_attention_mask`). For
   caption pre-training `CaptionLMCollator(split_captions=True)` cuts each caption at a random word, prefix to the
   encoder and suffix to the decoder, as the paper's prefix language modelling.
+
+Instruction tuning (InstructBLIP): `InstructionTuningCollator` wraps each sample in an instruction template of its task
+(`training.instructions`), and with a `qformer_tokenizer` the instruction collators also return the instruction as the
+Q-Former of an instruction-aware model reads it (`qformer_input_ids`, `qformer_attention_mask`).
 
 The end-of-text token is the tokenizer's EOS unless `end_of_text` names another text. `default_end_of_text(text_config)`
 gives the original's choice per LLM family: "\n" for OPT (LAVIS's `Blip2OPT` trains on `caption + "\n"` and generates
@@ -40,6 +45,7 @@ from .data import (
     pre_question,
     sample_name,
 )
+from .instructions import INSTRUCTION_TEMPLATES, render_instruction
 
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,11 @@ logger = logging.getLogger(__name__)
 # LAVIS's `max_txt_len` for stage 2: text tokens (placeholders excluded) per sample.
 DEFAULT_MAX_TEXT_TOKENS = 32
 VQA_PROMPT = "Question: {} Answer:"  # OPT; BLIP-2's FlanT5 models use "Question: {} Short answer:"
+# LAVIS's InstructBLIP (`blip2_vicuna_instruct.py`, `blip2_t5_instruct.py`): `max_txt_len` 128 cuts the Q-Former's
+# instruction tokens and the LLM's input text.
+DEFAULT_QFORMER_INSTRUCTION_TOKENS = 128
+DEFAULT_INSTRUCTION_TEXT_TOKENS = 128
+
 class ImageCollator:
     """
     Opens and processes the image of every sample, dropping and counting the unreadable ones; the subclasses add the
@@ -393,8 +404,29 @@ class VQACollator(LanguageModelingCollator):
         return self.prompt.format(question), answer.strip()
 
 
+def qformer_instruction_inputs(
+    qformer_tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """
+    The instructions as the Q-Former of an instruction-aware (InstructBLIP) model reads them: its BERT tokenizer's
+    `[CLS] instruction [SEP]`, cut to `max_length` tokens ([CLS] and [SEP] included; LAVIS's InstructBLIP cuts at its
+    `max_txt_len`, 128), padded to the longest; returned as `qformer_input_ids` and `qformer_attention_mask`, the
+    names stage 2's forward and generate take. The one function every instruction collator builds them with.
+    """
+    encoded = qformer_tokenizer(
+        instructions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
+
+
 class InstructionCollator(LanguageModelingCollator):
-    """Instruction data: each sample's `prompt_column` text is the prompt, its `response_column` text the target."""
+    """Instruction data: each sample's `prompt_column` text is the prompt, its `response_column` text the target.
+
+    qformer_tokenizer: the Q-Former's (BERT) tokenizer of an instruction-aware model (InstructBLIP, a Q-Former built
+        with `use_text_input=True`): the batch then also holds the prompt as Q-Former tokens, `qformer_input_ids` and
+        `qformer_attention_mask` (`qformer_instruction_inputs`), cut to `qformer_max_length` tokens. Keep that at most
+        the Q-Former's `max_position_embeddings`.
+    """
 
     def __init__(
         self,
@@ -404,11 +436,17 @@ class InstructionCollator(LanguageModelingCollator):
         is_encoder_decoder=False,
         prompt_column: str = "prompt",
         response_column: str = "response",
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        qformer_max_length: int = DEFAULT_QFORMER_INSTRUCTION_TOKENS,
         **kwargs,
     ):
         super().__init__(image_processor, tokenizer, num_query_tokens, is_encoder_decoder, **kwargs)
+        if qformer_max_length < 2:
+            raise ValueError(f"qformer_max_length is {qformer_max_length}; expected at least 2 ([CLS] and [SEP])")
         self.prompt_column = prompt_column
         self.response_column = response_column
+        self.qformer_tokenizer = qformer_tokenizer
+        self.qformer_max_length = qformer_max_length
 
     def prepare_text(self, sample):
         prompt = sample.get(self.prompt_column)
@@ -418,13 +456,94 @@ class InstructionCollator(LanguageModelingCollator):
             )
         return prompt, sample_text(sample, self.response_column, "response").strip()
 
+    def encode(self, texts):
+        batch = super().encode(texts)
+        if self.qformer_tokenizer is not None:
+            prompts = [prompt for prompt, _ in texts]
+            batch.update(qformer_instruction_inputs(self.qformer_tokenizer, prompts, self.qformer_max_length))
+        return batch
+
+
+class InstructionTuningCollator(InstructionCollator):
+    """
+    InstructBLIP's instruction data from task datasets: each sample is wrapped in one instruction template of its task
+    (`training.instructions.INSTRUCTION_TEMPLATES`), drawn uniformly at random per sample. The rendered instruction is
+    the LLM's prompt after the image placeholders and, with `qformer_tokenizer`, the Q-Former's text
+    (`qformer_input_ids`); the target (caption, answer, question for "vqg", label) is the only text with labels.
+
+    The task is the sample's `task_column` ("task", as `mix_datasets(..., tasks=...)` writes it), else `task`. What
+    each task reads (`training.instructions.TASK_COLUMNS`): "caption": `caption` (cleaned by `pre_caption`); "vqa":
+    `question` (cleaned by `pre_question`) and `answer` (a string, or a list whose most frequent entry is used);
+    "vqg": the same, the question as target; "classification": `label`; "ocr_vqa": as "vqa", plus `ocr_tokens`.
+
+    generator: a `torch.Generator` for reproducible template draws (the same seed and the same samples in the same
+        order give the same instructions); without one, torch's global generator, which the Trainer's seed sets and
+        DataLoader seeds differently in every worker.
+    templates: task -> templates, replacing `INSTRUCTION_TEMPLATES`' lists for the tasks it names (`{question}` and
+        `{answer}` are filled in; e.g. one fixed template per task for evaluation).
+    max_length: text tokens per sample for the LLM (prompt and target, placeholders not counted); default 128, LAVIS's
+        InstructBLIP `max_txt_len`.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        num_query_tokens,
+        is_encoder_decoder=False,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        task: str | None = None,
+        task_column: str = "task",
+        generator: torch.Generator | None = None,
+        templates: Mapping[str, Sequence[str]] | None = None,
+        max_words: int = DEFAULT_MAX_WORDS,
+        max_length: int = DEFAULT_INSTRUCTION_TEXT_TOKENS,
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            num_query_tokens,
+            is_encoder_decoder,
+            qformer_tokenizer=qformer_tokenizer,
+            max_length=max_length,
+            **kwargs,
+        )
+        self.templates = {**INSTRUCTION_TEMPLATES, **{name: tuple(t) for name, t in (templates or {}).items()}}
+        unknown = sorted(set(self.templates) - set(INSTRUCTION_TEMPLATES))
+        if unknown or not all(self.templates.values()):
+            raise ValueError(
+                f"templates for {unknown or 'no template'}; expected non-empty lists for tasks among "
+                f"{sorted(INSTRUCTION_TEMPLATES)}"
+            )
+        if task is not None and task not in INSTRUCTION_TEMPLATES:
+            raise ValueError(f"task {task!r}; expected one of {sorted(INSTRUCTION_TEMPLATES)}")
+        self.task = task
+        self.task_column = task_column
+        self.generator = generator
+        self.max_words = max_words
+
+    def prepare_text(self, sample):
+        task = sample.get(self.task_column) or self.task
+        if task is None:
+            raise ValueError(
+                f"sample has no {self.task_column!r} column and the collator no default task; pass task=... or mix "
+                "the datasets with mix_datasets(..., tasks=...)"
+            )
+        if task not in INSTRUCTION_TEMPLATES:
+            raise ValueError(f"sample's task {task!r}; expected one of {sorted(INSTRUCTION_TEMPLATES)}")
+        index = torch.randint(0, len(self.templates[task]), (1,), generator=self.generator).item()
+        return render_instruction(task, index, sample, self.max_words, self.templates)
+
 
 __all__ = [
     "CaptionLMCollator",
     "ImageCaptionCollator",
     "ImageCollator",
     "InstructionCollator",
+    "InstructionTuningCollator",
     "LanguageModelingCollator",
     "VQACollator",
     "image_text_ids",
+    "qformer_instruction_inputs",
 ]

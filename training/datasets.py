@@ -13,6 +13,7 @@ import logging
 import os
 import tarfile
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import datasets
 import fsspec
 
 from .data import SkippedSamples, UnreadableSampleError, open_sample_image, sample_name
+from .instructions import INSTRUCTION_TEMPLATES, TASK_COLUMNS
 
 
 logger = logging.getLogger(__name__)
@@ -345,6 +347,58 @@ class DecodeImages:
         return kept
 
 
+def load_instruction_annotations(
+    annotation_file: str | os.PathLike, image_root: str | os.PathLike, task: str
+) -> datasets.Dataset:
+    """
+    A task dataset for instruction tuning (`InstructionTuningCollator`, `mix_datasets`), with a `task` column:
+
+    - "caption": a COCO- or LAVIS-style captions file, read by `load_annotation_file`;
+    - "vqa", "vqg", "ocr_vqa", "classification": a JSON list (or a .jsonl file, one object per line) of objects with
+      `image` (a path under `image_root`) and the task's fields (`training.instructions.TASK_COLUMNS`): `question` and
+      `answer` (a string, or a list of answers, as LAVIS's VQAv2 files, of which the most frequent is kept, the first
+      of equals), `ocr_tokens` (a string or a list of strings, joined with ", "), `label` (any value, as a string).
+      A missing field keeps its row as None, which the collator skips and counts ("bad text").
+    """
+    if task not in INSTRUCTION_TEMPLATES:
+        raise ValueError(f"task {task!r}; expected one of {sorted(INSTRUCTION_TEMPLATES)}")
+    if task == "caption":
+        dataset = load_annotation_file(annotation_file, image_root)
+        return dataset.add_column("task", [task] * len(dataset))
+    if str(annotation_file).endswith(".jsonl"):
+        entries = []
+        for number, line in enumerate(Path(annotation_file).read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if line.strip():
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{annotation_file}:{number} is not valid JSON: {error}") from error
+    else:
+        entries = read_json(annotation_file)
+    if not isinstance(entries, list):
+        raise ValueError(f"{annotation_file} holds a JSON {type(entries).__name__}; expected a list of objects")
+    rows = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise ValueError(
+                f"{annotation_file}: entry {index} is {shorten(entry)}; expected an object with 'image' (a path)"
+            )
+        row = {"image": os.path.join(image_root, entry["image"]), "task": task}
+        for column in TASK_COLUMNS[task]:
+            value = entry.get(column)
+            if column == "answer" and isinstance(value, list):
+                value = Counter(value).most_common(1)[0][0] if value else None
+            elif column == "ocr_tokens" and isinstance(value, list):
+                value = ", ".join(str(token) for token in value)
+            elif column == "label" and value is not None:
+                value = str(value)
+            row[column] = value if isinstance(value, str) else None
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{annotation_file} holds no entries")
+    return datasets.Dataset.from_list(rows)
+
+
 def read_json(path: str | os.PathLike):
     try:
         with open(path, encoding="utf-8-sig") as file:  # also reads files saved with a byte-order mark
@@ -371,6 +425,7 @@ __all__ = [
     "load_annotation_file",
     "load_coco_captions",
     "load_image_folder",
+    "load_instruction_annotations",
     "load_lavis_annotations",
     "load_webdataset",
 ]
