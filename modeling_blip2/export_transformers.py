@@ -30,8 +30,14 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-from .modeling_stage1 import BLIP2_RETRIEVAL_KEY_MAPPING, NOT_IN_BLIP2_RETRIEVAL, Blip2BridgeModel
-from .modeling_stage2 import BLIP2_KEY_MAPPING, INSTRUCTBLIP_KEY_MAPPING, Blip2BridgeForConditionalGeneration
+from .modeling_stage1 import Blip2BridgeModel
+from .modeling_stage2 import Blip2BridgeForConditionalGeneration
+from .transformers_formats import (
+    BLIP2_KEY_MAPPING,
+    BLIP2_RETRIEVAL_KEY_MAPPING,
+    INSTRUCTBLIP_KEY_MAPPING,
+    NOT_IN_BLIP2_RETRIEVAL,
+)
 from .weight_mapping import BERT_HYPERPARAMETERS
 
 

@@ -34,6 +34,7 @@ REMOTE_CODE_MODULES = {
     "losses": "modeling_blip2.losses",
     "modeling_qformer": "modeling_blip2.modeling_qformer",
     "modeling_vision": "modeling_blip2.modeling_vision",
+    "transformers_formats": "modeling_blip2.transformers_formats",
     "modeling_stage1": "modeling_blip2.modeling_stage1",
     "modeling_stage2": "modeling_blip2.modeling_stage2",
     "weight_mapping": "modeling_blip2.weight_mapping",

@@ -5,15 +5,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Blip2Config, GenerationConfig, GenerationMixin, PreTrainedConfig
+from transformers import GenerationConfig, GenerationMixin
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 from .compat import CACHE_KEYWORD, is_traced, pop_cache
 from .configuration import Blip2BridgeConfig, Blip2BridgeQFormerConfig
-from .hub import explain_missing_folder
 from .losses import (
     gather_across_processes,
     gather_text_across_processes,
@@ -28,82 +26,11 @@ from .losses import (
     world_size_and_rank,
 )
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerModel, QFormerRows
-from .modeling_stage2 import _LAYER, _QFORMER_FIELDS, BLIP2_KEY_MAPPING
 from .modeling_vision import Blip2BridgeImageQueryModel
+from .transformers_formats import BLIP2_RETRIEVAL_ARCHITECTURE, NOT_IN_BLIP2_RETRIEVAL
 
 
 logger = logging.get_logger(__name__)
-
-# transformers' stage-1 BLIP-2 format (`Blip2ForImageTextRetrieval`, e.g. Salesforce/blip2-itm-vit-g) holds, beside
-# what `BLIP2_KEY_MAPPING` renames (vision tower, its post_layernorm = our vision_layernorm, queries, Q-Former
-# attention and query feed-forward), the Q-Former's text side and the ITC projections under these names. Both tables
-# apply, in order (`BLIP2_RETRIEVAL_KEY_MAPPING`); `itm_head` and `qformer.layernorm` keep their names.
-BLIP2_STAGE1_KEY_MAPPING = {
-    r"^embeddings\.word_embeddings\.": "qformer.word_embeddings.",
-    r"^embeddings\.position_embeddings\.": "qformer.position_embeddings.",
-    _LAYER + r"intermediate\.dense\.": r"qformer.layer.\1.text_feed_forward.intermediate.",
-    _LAYER + r"output\.dense\.": r"qformer.layer.\1.text_feed_forward.output.",
-    _LAYER + r"output\.LayerNorm\.": r"qformer.layer.\1.text_feed_forward.LayerNorm.",
-    r"^vision_projection\.": "vision_proj.",
-    r"^text_projection\.": "text_proj.",
-}
-BLIP2_RETRIEVAL_KEY_MAPPING = {**BLIP2_KEY_MAPPING, **BLIP2_STAGE1_KEY_MAPPING}
-BLIP2_RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
-# What transformers' stage-1 format does not hold: initialised as the original (LAVIS `Blip2Qformer`) initialises them
-# (`temp` = config.initial_temperature, 0.07; the ITG head = BERT's LM head, its decoder tied to the word embeddings).
-NOT_IN_BLIP2_RETRIEVAL = (
-    "temp",
-    "itg_head.dense.weight",
-    "itg_head.dense.bias",
-    "itg_head.LayerNorm.weight",
-    "itg_head.LayerNorm.bias",
-    "itg_head.decoder.bias",
-)
-
-
-def config_from_blip2_retrieval(blip2_config: Blip2Config) -> Blip2BridgeConfig:
-    """Our stage-1 configuration of a transformers `Blip2Config` saved by `Blip2ForImageTextRetrieval`, for
-    `BLIP2_RETRIEVAL_KEY_MAPPING`'s weights. Its `text_config` (an LLM's, unused by that class) is left out.
-
-    The [DEC] and [SEP] ids, which transformers' format does not record, are read from its Q-Former config when
-    present, else ours: [DEC] = 30522 (LAVIS appends it to BERT's 30522 tokens) when the vocabulary holds it, else its
-    last token; [SEP] = BERT's 102 when the vocabulary holds it. They matter for ITG and captioning only.
-    """
-    qformer = blip2_config.qformer_config
-    vocab_size = qformer.vocab_size
-    defaults = Blip2BridgeQFormerConfig()
-    bos_token_id = getattr(qformer, "bos_token_id", None)
-    if bos_token_id is None:
-        bos_token_id = defaults.bos_token_id if defaults.bos_token_id < vocab_size else vocab_size - 1
-    sep_token_id = getattr(qformer, "sep_token_id", None)
-    if sep_token_id is None and defaults.sep_token_id < vocab_size:
-        sep_token_id = defaults.sep_token_id
-    return Blip2BridgeConfig(
-        vision_config=blip2_config.vision_config.to_dict(),
-        qformer_config={
-            **{name: getattr(qformer, name) for name in _QFORMER_FIELDS},
-            "use_text_input": True,
-            "bos_token_id": bos_token_id,
-            "sep_token_id": sep_token_id,
-        },
-        text_config=None,
-        num_query_tokens=blip2_config.num_query_tokens,
-        embed_dim=blip2_config.image_text_hidden_size,
-        # The Q-Former reads the last layer's output through the LayerNorm transformers calls `post_layernorm`.
-        vision_feature_layer=-1,
-        vision_layer_norm_eps=blip2_config.vision_config.layer_norm_eps,
-        initializer_range=blip2_config.initializer_range,
-        dtype=blip2_config.dtype,
-    )
-
-
-def is_blip2_retrieval_config(config_dict: dict) -> bool:
-    """A transformers BLIP-2 config.json saved by `Blip2ForImageTextRetrieval` (or one whose Q-Former reads text)."""
-    qformer = config_dict.get("qformer_config") or {}
-    return BLIP2_RETRIEVAL_ARCHITECTURE in (config_dict.get("architectures") or []) or bool(
-        qformer.get("use_qformer_text_input")
-    )
-
 
 @dataclass
 class Blip2BridgeModelOutput(ModelOutput):
@@ -275,50 +202,20 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Also loads transformers' stage-1 BLIP-2 format (model_type "blip-2" saved by `Blip2ForImageTextRetrieval`,
-        e.g. Salesforce/blip2-itm-vit-g), renaming its weights on the way (`BLIP2_RETRIEVAL_KEY_MAPPING`).
+    # transformers' Blip2ForImageTextRetrieval folders load too (`transformers_formats.converted_config`); that format
+    # holds no ITC temperature and no ITG head: they are initialised as the original initialises them (`temp` =
+    # config.initial_temperature, the ITG head as BERT's LM head with its decoder tied to the word embeddings), and
+    # `report_conversion` names them.
+    stage = 1
 
-        That format holds no ITC temperature and no ITG head: they are initialised as the original initialises them
-        (`temp` = config.initial_temperature, the ITG head as BERT's LM head with its decoder tied to the word
-        embeddings), and a warning names them.
-        """
-        from_blip2 = False
-        if config is None:
-            hub_kwargs = {
-                name: kwargs[name]
-                for name in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-                if name in kwargs
-            }
-            with explain_missing_folder(pretrained_model_name_or_path):
-                config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-            if config_dict.get("model_type") == Blip2Config.model_type:
-                if not is_blip2_retrieval_config(config_dict):
-                    architectures = config_dict.get("architectures") or ["a BLIP-2 model without the Q-Former's text side"]
-                    raise ValueError(
-                        f"{pretrained_model_name_or_path} holds transformers' {architectures[0]}, whose Q-Former reads no "
-                        "text: a stage-2 model. Load it with Blip2BridgeForConditionalGeneration "
-                        "(AutoModelForImageTextToText); Blip2BridgeModel loads transformers' stage-1 format, "
-                        f"{BLIP2_RETRIEVAL_ARCHITECTURE}"
-                    )
-                config = config_from_blip2_retrieval(Blip2Config.from_dict(config_dict))
-                kwargs["key_mapping"] = {**BLIP2_RETRIEVAL_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-                from_blip2 = True
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        if "key_mapping" in kwargs:
-            # transformers would save the weights back under the names they were loaded from; ours are the names now.
-            (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
-        if from_blip2:
-            model = loaded[0] if isinstance(loaded, tuple) else loaded
-            logger.warning(
-                f"{pretrained_model_name_or_path} is in transformers' {BLIP2_RETRIEVAL_ARCHITECTURE} format, which holds "
-                f"no {', '.join(NOT_IN_BLIP2_RETRIEVAL)}: initialised as the original BLIP-2 does (temp = "
-                f"{float(model.temp.detach()):g}; the ITG head as BERT's LM head, its decoder weight tied to "
-                "qformer.word_embeddings). ITM and ITC scores are the checkpoint's; ITG (the loss_itg part of the "
-                "loss) and caption generation need training first"
-            )
-        return loaded
+    def report_conversion(self, source) -> None:
+        logger.warning(
+            f"{source} is in transformers' {BLIP2_RETRIEVAL_ARCHITECTURE} format, which holds no "
+            f"{', '.join(NOT_IN_BLIP2_RETRIEVAL)}: initialised as the original BLIP-2 does (temp = "
+            f"{float(self.temp.detach()):g}; the ITG head as BERT's LM head, its decoder weight tied to "
+            "qformer.word_embeddings). ITM and ITC scores are the checkpoint's; ITG (the loss_itg part of the loss) and "
+            "caption generation need training first"
+        )
 
     def get_input_embeddings(self):
         return self.qformer.word_embeddings

@@ -11,55 +11,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    Blip2Config,
-    Blip2VisionConfig,
-    GenerationMixin,
-    InstructBlipConfig,
-    InstructBlipVideoConfig,
-    PreTrainedConfig,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration import Blip2BridgeConfig
-from .hub import IMAGE_TO_TEXT_PIPELINE, explain_missing_folder
+from .hub import IMAGE_TO_TEXT_PIPELINE
 from .modeling_qformer import Blip2BridgeQFormerModel
 from .modeling_vision import Blip2BridgeImageFeaturesOutput, Blip2BridgeImageQueryModel
-from .weight_mapping import BERT_HYPERPARAMETERS
-
-# transformers' BLIP-2 weight names -> ours, applied in order by `from_pretrained(key_mapping=...)`. Its vision
-# tower's `post_layernorm` is the original's `ln_vision`: ours is `vision_layernorm`, applied to hidden_states[-1].
-# One capturing group (the layer index) per pattern: what transformers' renaming supports.
-_LAYER = r"^qformer\.encoder\.layer\.(\d+)\."
-BLIP2_KEY_MAPPING = {
-    r"^vision_model\.post_layernorm\.": "vision_layernorm.",
-    _LAYER + r"attention\.attention\.": r"qformer.layer.\1.attention.",
-    _LAYER + r"attention\.output\.": r"qformer.layer.\1.attention.",
-    _LAYER + r"crossattention\.attention\.": r"qformer.layer.\1.crossattention.",
-    _LAYER + r"crossattention\.output\.": r"qformer.layer.\1.crossattention.",
-    _LAYER + r"intermediate_query\.dense\.": r"qformer.layer.\1.query_feed_forward.intermediate.",
-    _LAYER + r"output_query\.dense\.": r"qformer.layer.\1.query_feed_forward.output.",
-    _LAYER + r"output_query\.LayerNorm\.": r"qformer.layer.\1.query_feed_forward.LayerNorm.",
-}
-# transformers' InstructBLIP (and InstructBLIP-Video) weight names -> ours: BLIP-2's, plus the Q-Former's text side,
-# which reads the instruction: its embeddings (word and position embeddings, and the LayerNorm that BLIP-2 keeps at
-# `qformer.layernorm` and InstructBLIP at `qformer.embeddings.layernorm`) and each layer's text feed-forward
-# (`intermediate` / `output`, beside the queries' `intermediate_query` / `output_query`).
-INSTRUCTBLIP_KEY_MAPPING = {
-    **BLIP2_KEY_MAPPING,
-    r"^qformer\.embeddings\.": "qformer.",
-    _LAYER + r"intermediate\.dense\.": r"qformer.layer.\1.text_feed_forward.intermediate.",
-    _LAYER + r"output\.dense\.": r"qformer.layer.\1.text_feed_forward.output.",
-    _LAYER + r"output\.LayerNorm\.": r"qformer.layer.\1.text_feed_forward.LayerNorm.",
-}
-# transformers' instruction-aware families: model_type -> (config class, the name of its placeholder token's id).
-INSTRUCTBLIP_FAMILIES = {
-    InstructBlipConfig.model_type: (InstructBlipConfig, "image_token_index"),
-    InstructBlipVideoConfig.model_type: (InstructBlipVideoConfig, "video_token_index"),
-}
 
 logger = logging.get_logger(__name__)
 
@@ -70,46 +29,6 @@ TAKEN_ANOTHER_WAY = {
     "interpolate_pos_encoding=True) and pass image_embeds",
     "mm_encoder_outputs": "pass image_features = model.get_image_features(pixel_values).pooler_output instead",
 }
-
-# BERT-style Q-Former sizes shared by transformers' Blip2QFormerConfig and ours.
-_QFORMER_FIELDS = ("vocab_size", *BERT_HYPERPARAMETERS, "cross_attention_frequency")
-
-
-def config_from_blip2(blip2_config: Blip2Config) -> Blip2BridgeConfig:
-    """Our configuration of a transformers `Blip2Config` (model_type "blip-2"), for `BLIP2_KEY_MAPPING`'s weights."""
-    return _config_from_transformers(blip2_config, blip2_config.image_token_index, use_text_input=False)
-
-
-def config_from_instructblip(config: InstructBlipConfig | InstructBlipVideoConfig) -> Blip2BridgeConfig:
-    """Our configuration of transformers' `InstructBlipConfig` (model_type "instructblip") or `InstructBlipVideoConfig`
-    ("instructblipvideo"), for `INSTRUCTBLIP_KEY_MAPPING`'s weights: a Q-Former that reads the instruction
-    (`use_text_input=True`, with InstructBLIP's vocabulary and position table), the placeholder id of the image
-    (`image_token_index`) or of the video (`video_token_index`). The two families hold the same weights; a video's
-    frames each take `num_query_tokens` placeholders."""
-    _, token_name = INSTRUCTBLIP_FAMILIES[config.model_type]
-    return _config_from_transformers(config, getattr(config, token_name), use_text_input=True)
-
-
-def _config_from_transformers(config, image_token_id: int | None, use_text_input: bool) -> Blip2BridgeConfig:
-    qformer = config.qformer_config
-    qformer_fields = {name: getattr(qformer, name) for name in _QFORMER_FIELDS}
-    if use_text_input:
-        qformer_fields["pad_token_id"] = qformer.pad_token_id
-    # InstructBLIP's vision tower is BLIP-2's (same layers, same names) under another model_type.
-    vision_config = {**config.vision_config.to_dict(), "model_type": Blip2VisionConfig.model_type}
-    return Blip2BridgeConfig(
-        vision_config=vision_config,
-        qformer_config={**qformer_fields, "use_text_input": use_text_input},
-        text_config=config.text_config.to_dict(),
-        num_query_tokens=config.num_query_tokens,
-        image_token_id=image_token_id,
-        # The Q-Former reads the last layer's output through the LayerNorm transformers calls `post_layernorm`.
-        vision_feature_layer=-1,
-        vision_layer_norm_eps=config.vision_config.layer_norm_eps,
-        initializer_range=config.initializer_range,
-        dtype=config.dtype,  # dtype="auto" loads e.g. Salesforce/blip2-opt-2.7b in its saved float16
-    )
-
 
 @dataclass
 class Blip2BridgeForConditionalGenerationOutput(ModelOutput):
@@ -183,30 +102,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         if self.config.freeze_language_model and hasattr(self, "language_model"):  # built after the vision tower
             self.language_model.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Also loads transformers' own BLIP-2 checkpoints (model_type "blip-2") and InstructBLIP checkpoints
-        ("instructblip", "instructblipvideo"), renaming their weights on the way."""
-        if config is None:
-            hub_kwargs = {
-                name: kwargs[name]
-                for name in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-                if name in kwargs
-            }
-            with explain_missing_folder(pretrained_model_name_or_path):
-                config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-            model_type = config_dict.get("model_type")
-            if model_type == Blip2Config.model_type:
-                config = config_from_blip2(Blip2Config.from_dict(config_dict))
-                kwargs["key_mapping"] = {**BLIP2_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-            elif model_type in INSTRUCTBLIP_FAMILIES:
-                config = config_from_instructblip(INSTRUCTBLIP_FAMILIES[model_type][0].from_dict(config_dict))
-                kwargs["key_mapping"] = {**INSTRUCTBLIP_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        if "key_mapping" in kwargs:
-            # transformers would save the weights back under the names they were loaded from; ours are the names now.
-            (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
-        return loaded
+    # transformers' BLIP-2 and InstructBLIP folders load too (`transformers_formats.converted_config`).
+    stage = 2
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -544,8 +441,6 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
 
 
 __all__ = [
-    "BLIP2_KEY_MAPPING",
-    "INSTRUCTBLIP_KEY_MAPPING",
     "Blip2BridgeForConditionalGeneration",
     "Blip2BridgeForConditionalGenerationOutput",
 ]

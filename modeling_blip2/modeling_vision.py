@@ -5,14 +5,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Blip2VisionConfig, Blip2VisionModel, PreTrainedModel
+from transformers import Blip2VisionConfig, Blip2VisionModel, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
 from .configuration import Blip2BridgeConfig
 from .compat import select_hidden_states
+from .hub import explain_missing_folder
 from .modeling_qformer import Blip2BridgePreTrainedModel, Blip2BridgeQFormerOutput, QFormerRows
+from .transformers_formats import converted_config
+
+# What `from_pretrained` passes on to read a folder's config.json from the Hub as the model's weights will be.
+HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 @dataclass
@@ -54,12 +59,34 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         self.vision_layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_layer_norm_eps)
         self._freeze_frozen_modules()
 
+    stage: int  # 1 or 2: which of transformers' BLIP-2 family formats `from_pretrained` converts
+
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Also loads the transformers BLIP-2 family formats of this stage (`transformers_formats.converted_config`),
+        renaming their weights on the way."""
+        converted = None
+        if config is None and pretrained_model_name_or_path is not None:
+            hub_kwargs = {name: kwargs[name] for name in HUB_DOWNLOAD_KWARGS if name in kwargs}
+            with explain_missing_folder(pretrained_model_name_or_path):
+                config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            converted = converted_config(config_dict, cls.stage, pretrained_model_name_or_path)
+            if converted is not None:
+                config, key_mapping = converted
+                kwargs["key_mapping"] = {**key_mapping, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if "key_mapping" in kwargs:
+            # transformers would save the weights back under the names they were loaded from; ours are the names now.
+            model._weight_conversions = None
         # Loading makes fresh parameters, all trainable: freeze again what the config keeps frozen.
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_frozen_modules()
+        model._freeze_frozen_modules()
+        if converted is not None:
+            model.report_conversion(pretrained_model_name_or_path)
         return loaded
+
+    def report_conversion(self, source) -> None:
+        """Says what a converted folder lacked (nothing by default)."""
 
     def _freeze_frozen_modules(self):
         if self.config.freeze_vision_model:

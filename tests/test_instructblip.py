@@ -29,7 +29,7 @@ from modeling_blip2 import (
     Blip2BridgeProcessor,
 )
 from modeling_blip2.export_transformers import export_to_instructblip, export_to_transformers, our_name_for
-from modeling_blip2.modeling_stage2 import INSTRUCTBLIP_KEY_MAPPING
+from modeling_blip2.transformers_formats import INSTRUCTBLIP_KEY_MAPPING
 from tests.helpers import make_bert_tokenizer, make_llm_tokenizer
 from tests.test_hub import local_hub  # noqa: F401  (a fixture: HfApi served by local folders)
 from tests.tiny_models import VISION_CONFIG

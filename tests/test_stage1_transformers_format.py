@@ -10,7 +10,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval, CLIPVisionConf
 
 from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeModel
 from modeling_blip2.export_transformers import export_stage1_to_transformers
-from modeling_blip2.modeling_stage1 import NOT_IN_BLIP2_RETRIEVAL
+from modeling_blip2.transformers_formats import NOT_IN_BLIP2_RETRIEVAL
 from tests.helpers import make_bert_tokenizer
 from tests.test_stage2 import tiny_stage2_config
 from tests.tiny_models import DEC_ID, SEP_ID, VISION_CONFIG, VOCAB_SIZE, tiny_batch, tiny_model
@@ -153,7 +153,7 @@ def test_a_transformers_stage2_folder_is_refused_with_the_class_that_loads_it(tm
     config = tiny_blip2_config(use_qformer_text_input=False)
     config.architectures = ["Blip2ForConditionalGeneration"]
     config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="transformers' Blip2ForConditionalGeneration, whose Q-Former reads no text"):
+    with pytest.raises(ValueError, match="transformers' Blip2ForConditionalGeneration, a stage-2 model: load it with Blip2BridgeForConditionalGeneration"):
         Blip2BridgeModel.from_pretrained(tmp_path)
 
 
