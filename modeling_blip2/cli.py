@@ -109,7 +109,7 @@ def run_convert(args: argparse.Namespace) -> int:
         from .export_transformers import export_to_transformers
 
         saved = export_to_transformers(model, args.output, tokenizer=tokenizer)
-        target = "transformers Blip2ForConditionalGeneration"
+        target = f"transformers {type(saved).__name__}"
     else:
         model.save_pretrained(args.output)
         if tokenizer is not None:

@@ -1,4 +1,5 @@
-"""Exports a stage-2 model to transformers' own BLIP-2 format (`Blip2ForConditionalGeneration`, model_type "blip-2").
+"""Exports our models to transformers' own BLIP-2 family formats; a stage-2 model to `Blip2ForConditionalGeneration`
+(model_type "blip-2").
 
 The weight names come from `BLIP2_KEY_MAPPING`, the table that loads transformers' checkpoints into ours: every
 transformers name is mapped to ours with it, so the two directions cannot drift apart. transformers' BLIP-2 fixes two
@@ -9,7 +10,10 @@ things ours leaves open, and models outside them are refused:
 - the LLM is one `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` builds.
 An instruction-aware model (its Q-Former reads text, `use_text_input=True`) exports to transformers' InstructBLIP
 (`InstructBlipForConditionalGeneration`, or `InstructBlipVideoForConditionalGeneration`) with `export_to_instructblip`,
-by `INSTRUCTBLIP_KEY_MAPPING`, under the same two constraints.
+by `INSTRUCTBLIP_KEY_MAPPING`, under the same two constraints. A stage-1 model exports to transformers'
+`Blip2ForImageTextRetrieval` (`export_stage1_to_transformers`, by `BLIP2_RETRIEVAL_KEY_MAPPING`), which holds its ITM
+and ITC parts but no ITC temperature and no ITG head (left out with a warning). The tables live in
+transformers_formats.py.
 """
 
 import logging
@@ -63,6 +67,19 @@ def check_exportable(model: Blip2BridgeForConditionalGeneration) -> None:
             "transformers' Blip2ForConditionalGeneration (transformers has no stage-1 BLIP-2 with ITC/ITM/ITG heads)"
         )
     config = model.config
+    check_vision_exportable(config)
+    text_config_class = type(config.text_config)
+    if text_config_class not in MODEL_FOR_CAUSAL_LM_MAPPING and text_config_class not in (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    ):
+        raise ValueError(
+            f"the language model is a {config.text_config.model_type!r} model, which neither AutoModelForCausalLM nor "
+            "AutoModelForSeq2SeqLM builds; transformers' BLIP-2 builds its LLM with them"
+        )
+
+
+def check_vision_exportable(config) -> None:
+    """Refuses, naming the reason, a vision side that transformers' BLIP-2 family cannot express."""
     if not isinstance(config.vision_config, Blip2VisionConfig):
         raise ValueError(
             f"the vision tower is a {config.vision_config.model_type!r} model; transformers' BLIP-2 holds a "
@@ -74,14 +91,29 @@ def check_exportable(model: Blip2BridgeForConditionalGeneration) -> None:
             f"vision_feature_layer={config.vision_feature_layer}; transformers' BLIP-2 reads the last layer's output "
             f"through one LayerNorm, so the export cuts the tower after the layer read: expected -1 to -{num_layers}"
         )
-    text_config_class = type(config.text_config)
-    if text_config_class not in MODEL_FOR_CAUSAL_LM_MAPPING and text_config_class not in (
-        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-    ):
-        raise ValueError(
-            f"the language model is a {config.text_config.model_type!r} model, which neither AutoModelForCausalLM nor "
-            "AutoModelForSeq2SeqLM builds; transformers' BLIP-2 builds its LLM with them"
+
+
+def exported_vision_config(config) -> dict:
+    """The exported tower's config: cut after the layer the Q-Former reads, with a word when transformers' final norm
+    gets another eps than our vision_layernorm has."""
+    if config.vision_layer_norm_eps != config.vision_config.layer_norm_eps:
+        # transformers' post_layernorm takes the vision layers' eps; ours has its own (the original's ln_vision).
+        logger.warning(
+            f"transformers' BLIP-2 gives its post_layernorm the vision layers' eps ({config.vision_config.layer_norm_eps})"
+            f"; our vision_layernorm has eps {config.vision_layer_norm_eps}. The exported model uses the former, so its "
+            "outputs differ from ours by about the size of that difference"
         )
+    return {**config.vision_config.to_dict(), "num_hidden_layers": exported_vision_layers(config)}
+
+
+def exported_qformer_config(qformer, **extra) -> dict:
+    """transformers' Q-Former config fields of ours (BERT sizes, cross-attention frequency and width), plus `extra`."""
+    return {
+        **{name: getattr(qformer, name) for name in ("vocab_size", *BERT_HYPERPARAMETERS)},
+        "cross_attention_frequency": qformer.cross_attention_frequency,
+        "encoder_hidden_size": qformer.encoder_hidden_size,
+        **extra,
+    }
 
 
 def exported_vision_layers(config) -> int:
@@ -92,22 +124,9 @@ def exported_vision_layers(config) -> int:
 def blip2_config_for(model: Blip2BridgeForConditionalGeneration) -> Blip2Config:
     """transformers' `Blip2Config` of our stage-2 model (the inverse of `config_from_blip2`)."""
     config = model.config
-    vision_config = {**config.vision_config.to_dict(), "num_hidden_layers": exported_vision_layers(config)}
-    if config.vision_layer_norm_eps != config.vision_config.layer_norm_eps:
-        # transformers' post_layernorm takes the vision layers' eps; ours has its own (the original's ln_vision).
-        logger.warning(
-            f"transformers' BLIP-2 gives its post_layernorm the vision layers' eps ({config.vision_config.layer_norm_eps})"
-            f"; our vision_layernorm has eps {config.vision_layer_norm_eps}. The exported model uses the former, so its "
-            "outputs differ from ours by about the size of that difference"
-        )
-    qformer = config.qformer_config
     return Blip2Config(
-        vision_config=vision_config,
-        qformer_config={
-            **{name: getattr(qformer, name) for name in ("vocab_size", *BERT_HYPERPARAMETERS)},
-            "cross_attention_frequency": qformer.cross_attention_frequency,
-            "encoder_hidden_size": qformer.encoder_hidden_size,
-        },
+        vision_config=exported_vision_config(config),
+        qformer_config=exported_qformer_config(config.qformer_config),
         text_config=config.text_config.to_dict(),
         num_query_tokens=config.num_query_tokens,
         image_token_index=config.image_token_id,
@@ -137,10 +156,10 @@ def export_to_transformers(
     return blip2
 
 
-def _transformers_model_of(model, model_class, config, key_mapping: dict[str, str]):
+def _transformers_model_of(model, model_class, config, key_mapping: dict[str, str], not_in_format=()):
     """transformers' `model_class(config)` holding our model's tensors, each named through `key_mapping` (the table
-    that loads that format into ours); every tensor of ours is exported except the unused vision norm and the vision
-    layers past the one read."""
+    that loads that format into ours); every tensor of ours is exported except the unused vision norm, the vision
+    layers past the one read and `not_in_format` (what the format has no place for)."""
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
         their_names = list(model_class(config).state_dict())
@@ -150,7 +169,7 @@ def _transformers_model_of(model, model_class, config, key_mapping: dict[str, st
     kept_layers = exported_vision_layers(model.config)
     cut_layers = {name for name in ours if (layer := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", name))
                   and int(layer[1]) >= kept_layers}  # fmt: skip
-    left_over = sorted(set(ours) - set(sources.values()) - set(UNEXPORTED) - cut_layers)
+    left_over = sorted(set(ours) - set(sources.values()) - set(UNEXPORTED) - cut_layers - set(not_in_format))
     if missing or left_over:  # a gap in the key mapping, not in the model
         raise RuntimeError(f"the key mapping leaves {missing[:3]} without a source and {left_over[:3]} unexported")
 
@@ -172,12 +191,7 @@ def instructblip_config_for(
     )
     return config_class(
         vision_config={k: v for k, v in blip2_config.vision_config.to_dict().items() if k != "model_type"},
-        qformer_config={
-            **{name: getattr(qformer, name) for name in ("vocab_size", *BERT_HYPERPARAMETERS)},
-            "cross_attention_frequency": qformer.cross_attention_frequency,
-            "encoder_hidden_size": qformer.encoder_hidden_size,
-            "pad_token_id": qformer.pad_token_id,
-        },
+        qformer_config=exported_qformer_config(qformer, pad_token_id=qformer.pad_token_id),
         text_config=config.text_config.to_dict(),
         num_query_tokens=config.num_query_tokens,
         initializer_range=config.initializer_range,
@@ -227,35 +241,14 @@ def blip2_retrieval_config_for(model: Blip2BridgeModel) -> Blip2Config:
             "Blip2ForImageTextRetrieval (a stage-2 model exports with export_to_transformers)"
         )
     config = model.config
-    if not isinstance(config.vision_config, Blip2VisionConfig):
-        raise ValueError(
-            f"the vision tower is a {config.vision_config.model_type!r} model; transformers' BLIP-2 holds a "
-            "Blip2VisionModel ('blip_2_vision_model') only"
-        )
-    num_layers = config.vision_config.num_hidden_layers
-    if config.vision_feature_layer is None or not -num_layers <= config.vision_feature_layer <= -1:
-        raise ValueError(
-            f"vision_feature_layer={config.vision_feature_layer}; transformers' BLIP-2 reads the last layer's output "
-            f"through one LayerNorm, so the export cuts the tower after the layer read: expected -1 to -{num_layers}"
-        )
-    if config.vision_layer_norm_eps != config.vision_config.layer_norm_eps:
-        logger.warning(
-            f"transformers' BLIP-2 gives its post_layernorm the vision layers' eps ({config.vision_config.layer_norm_eps})"
-            f"; our vision_layernorm has eps {config.vision_layer_norm_eps}. The exported model uses the former, so its "
-            "outputs differ from ours by about the size of that difference"
-        )
+    check_vision_exportable(config)
     qformer = config.qformer_config
     return Blip2Config(
-        vision_config={**config.vision_config.to_dict(), "num_hidden_layers": exported_vision_layers(config)},
-        qformer_config={
-            **{name: getattr(qformer, name) for name in ("vocab_size", *BERT_HYPERPARAMETERS)},
-            "cross_attention_frequency": qformer.cross_attention_frequency,
-            "encoder_hidden_size": qformer.encoder_hidden_size,
-            "use_qformer_text_input": True,
-            # Not read by transformers; kept so that loading the folder back gives our [DEC] and [SEP] ids.
-            "bos_token_id": qformer.bos_token_id,
-            "sep_token_id": qformer.sep_token_id,
-        },
+        vision_config=exported_vision_config(config),
+        # [DEC] and [SEP] are not read by transformers; kept so that loading the folder back gives our ids.
+        qformer_config=exported_qformer_config(
+            qformer, use_qformer_text_input=True, bos_token_id=qformer.bos_token_id, sep_token_id=qformer.sep_token_id
+        ),
         num_query_tokens=config.num_query_tokens,
         image_text_hidden_size=config.embed_dim,
         initializer_range=config.initializer_range,
@@ -276,23 +269,6 @@ def export_stage1_to_transformers(
     them afresh.
     """
     blip2_config = blip2_retrieval_config_for(model)
-    blip2_config._attn_implementation = model.config._attn_implementation
-    with torch.device("meta"):
-        blip2_names = list(Blip2ForImageTextRetrieval(blip2_config).state_dict())
-    ours = model.state_dict()
-    # Named through the table `Blip2BridgeModel.from_pretrained` loads this format with.
-    sources = {name: our_name_for(name, BLIP2_RETRIEVAL_KEY_MAPPING) for name in blip2_names}
-    missing = sorted(source for source in sources.values() if source not in ours)
-    kept_layers = exported_vision_layers(model.config)
-    cut_layers = {name for name in ours if (layer := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", name))
-                  and int(layer[1]) >= kept_layers}  # fmt: skip
-    # The ITG head's decoder weight is the word embeddings (tied), which the export holds.
-    dropped = set(NOT_IN_BLIP2_RETRIEVAL) | {"itg_head.decoder.weight"}
-    left_over = sorted(set(ours) - set(sources.values()) - set(UNEXPORTED) - cut_layers - dropped)
-    if missing or left_over:  # a gap in BLIP2_RETRIEVAL_KEY_MAPPING, not in the model
-        raise RuntimeError(
-            f"BLIP2_RETRIEVAL_KEY_MAPPING leaves {missing[:3]} without a source and {left_over[:3]} unexported"
-        )
     tied = model.itg_head.decoder.weight is model.qformer.word_embeddings.weight
     logger.warning(
         f"transformers' Blip2ForImageTextRetrieval holds no ITC temperature and no ITG head: the export leaves out "
@@ -302,9 +278,11 @@ def export_stage1_to_transformers(
         "kept; keep the blip2-bridge folder for training and captioning"
     )
 
-    blip2 = Blip2ForImageTextRetrieval(blip2_config)
-    blip2.load_state_dict({name: ours[source] for name, source in sources.items()}, strict=True)
-    blip2 = blip2.to(model.dtype).eval()
+    # The ITG head's decoder weight is the word embeddings (tied), which the export holds.
+    not_in_format = {*NOT_IN_BLIP2_RETRIEVAL, "itg_head.decoder.weight"}
+    blip2 = _transformers_model_of(
+        model, Blip2ForImageTextRetrieval, blip2_config, BLIP2_RETRIEVAL_KEY_MAPPING, not_in_format
+    )
     if output_dir is not None:
         blip2.save_pretrained(output_dir)
         if tokenizer is not None:

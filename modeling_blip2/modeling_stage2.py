@@ -153,35 +153,28 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         video = pixel_values if pixel_values is not None and pixel_values.dim() == 5 else None
         if video is None and pixel_values is None and image_embeds is not None and image_embeds.dim() == 4:
             video = image_embeds
-        if video is None:
-            return super().get_image_features(
-                pixel_values,
-                image_embeds,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                qformer_input_ids=qformer_input_ids,
-                qformer_attention_mask=qformer_attention_mask,
-            )
-        if pixel_values is not None and image_embeds is not None:
-            raise ValueError("pass exactly one of pixel_values and image_embeds")
-        batch_size, frames = video.shape[:2]
-        if 0 in (batch_size, frames):
-            raise ValueError(f"the video has shape {tuple(video.shape)}; expected at least one video of one frame")
-        frames_as_images = video.flatten(0, 1)
-        if qformer_input_ids is not None:
-            if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != batch_size:
-                raise ValueError(
-                    f"qformer_input_ids has shape {tuple(qformer_input_ids.shape)}; expected ({batch_size}, length): "
-                    "one instruction per video, read with each of its frames"
-                )
-            qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
-            if qformer_attention_mask is not None:
-                qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
+        if video is not None:
+            if pixel_values is not None and image_embeds is not None:
+                raise ValueError("pass exactly one of pixel_values and image_embeds")
+            batch_size, frames = video.shape[:2]
+            if 0 in (batch_size, frames):
+                raise ValueError(f"the video has shape {tuple(video.shape)}; expected at least one video of one frame")
+            if pixel_values is not None:
+                pixel_values = video.flatten(0, 1)  # the frames as one batch of images
+            else:
+                image_embeds = video.flatten(0, 1)
+            if qformer_input_ids is not None:
+                if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != batch_size:
+                    raise ValueError(
+                        f"qformer_input_ids has shape {tuple(qformer_input_ids.shape)}; expected ({batch_size}, "
+                        "length): one instruction per video, read with each of its frames"
+                    )
+                qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
+                if qformer_attention_mask is not None:
+                    qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
         output = super().get_image_features(
-            frames_as_images if pixel_values is not None else None,
-            frames_as_images if pixel_values is None else None,
+            pixel_values,
+            image_embeds,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -189,8 +182,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
         )
-        output.pooler_output = output.pooler_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
-        output.query_output = output.query_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
+        if video is not None:
+            output.pooler_output = output.pooler_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
+            output.query_output = output.query_output.reshape(batch_size, frames * self.config.num_query_tokens, -1)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
 

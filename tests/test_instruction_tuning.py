@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoTokenizer, pipeline
 
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
 from modeling_blip2 import (
@@ -358,6 +358,24 @@ def test_instruction_tuning_lowers_the_loss_keeps_frozen_weights_and_saves_a_mod
         other_features = loaded.get_image_features(inputs["pixel_values"], **other).pooler_output
     assert generated.shape[1] > inputs["input_ids"].shape[1]  # the prompt and new tokens
     assert not torch.allclose(features, other_features)  # the queries read the instruction
+
+    # The folder, saved with its processor (the Q-Former's tokenizer included), answers through the pipeline as
+    # generate does with the instruction given to both the Q-Former and the LLM.
+    Blip2BridgeProcessor(
+        image_processor, llm_tokenizer, qformer_tokenizer=qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS
+    ).save_pretrained(tmp_path / "saved")
+    answer = pipeline("image-text-to-text", model=str(tmp_path / "saved"))(
+        images=[caption_image(0)], text=[instruction], max_new_tokens=4, return_full_text=False
+    )
+    saved_processor = Blip2BridgeProcessor.from_pretrained(tmp_path / "saved")
+    encoded = saved_processor(images=[caption_image(0)], text=[instruction], return_tensors="pt")
+    assert "qformer_input_ids" in encoded
+    with torch.no_grad():
+        expected = loaded.generate(**encoded, max_new_tokens=4, do_sample=False)[:, encoded["input_ids"].shape[1] :]
+    # The pipeline cuts the prompt off the decoded text, so a word boundary may keep its space.
+    assert [output["generated_text"].strip() for output in answer] == [
+        text.strip() for text in saved_processor.batch_decode(expected, skip_special_tokens=True)
+    ]
 
 
 # ---- blip2-bridge train ------------------------------------------------------------------------------------------

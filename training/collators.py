@@ -27,7 +27,6 @@ until "\n"), the EOS for the others; `blip2-bridge evaluate` stops generation wi
 """
 
 import logging
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -44,6 +43,7 @@ from .data import (
     pre_caption,
     pre_question,
     sample_name,
+    text_or_most_frequent,
 )
 from .instructions import INSTRUCTION_TEMPLATES, render_instruction
 
@@ -392,16 +392,7 @@ class VQACollator(LanguageModelingCollator):
 
     def prepare_text(self, sample):
         question = pre_question(sample_text(sample, self.question_column, "question"), self.max_words)
-        answer = sample.get(self.answer_column)
-        if isinstance(answer, (list, tuple)) and answer:
-            answer = Counter(answer).most_common(1)[0][0]
-        if not isinstance(answer, str) or not answer.strip():
-            raise UnreadableSampleError(
-                f"answer column {self.answer_column!r} holds {sample.get(self.answer_column)!r}; expected a non-empty "
-                "string or a list of them",
-                "bad text",
-            )
-        return self.prompt.format(question), answer.strip()
+        return self.prompt.format(question), text_or_most_frequent(sample, self.answer_column)
 
 
 def qformer_instruction_inputs(

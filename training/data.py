@@ -8,6 +8,7 @@ import io
 import logging
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -140,3 +141,16 @@ __all__ = [
     "pre_question",
     "sample_name",
 ]
+
+
+def text_or_most_frequent(sample: Mapping, column: str) -> str:
+    """The sample's text in `column`; for a list (VQAv2's ten annotators' answers), its most frequent entry, the first
+    of equals. Anything else, or only blanks, is an `UnreadableSampleError` ("bad text") naming the column."""
+    value = sample.get(column)
+    if isinstance(value, (list, tuple)) and value:
+        value = Counter(value).most_common(1)[0][0]
+    if not isinstance(value, str) or not value.strip():
+        raise UnreadableSampleError(
+            f"column {column!r} holds {sample.get(column)!r}; expected a non-empty string or a list of them", "bad text"
+        )
+    return value.strip()

@@ -19,12 +19,11 @@ sqrt(size) / sum of sqrt(size) unless given an explicit weight.
 """
 
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import datasets
 
-from .data import DEFAULT_MAX_WORDS, UnreadableSampleError, pre_caption, pre_question
+from .data import DEFAULT_MAX_WORDS, UnreadableSampleError, pre_caption, pre_question, text_or_most_frequent
 
 
 CAPTION_TEMPLATES = (
@@ -106,16 +105,6 @@ TASK_COLUMNS = {
 }
 
 
-def _text(sample: Mapping, column: str) -> str:
-    value = sample.get(column)
-    if isinstance(value, (list, tuple)) and value:
-        # VQAv2's ten annotators: the most frequent answer, the first of equals (as VQACollator)
-        value = Counter(value).most_common(1)[0][0]
-    if not isinstance(value, str) or not value.strip():
-        raise UnreadableSampleError(f"column {column!r} holds {value!r}; expected a non-empty string", "bad text")
-    return value.strip()
-
-
 def task_texts(task: str, sample: Mapping, max_words: int = DEFAULT_MAX_WORDS) -> tuple[dict, str]:
     """The template fields of `sample` for `task` and its target text, cleaned as BLIP cleans them: captions by
     `pre_caption`, questions by `pre_question`; answers and labels stripped. Raises `UnreadableSampleError` ("bad
@@ -123,14 +112,14 @@ def task_texts(task: str, sample: Mapping, max_words: int = DEFAULT_MAX_WORDS) -
     if task not in INSTRUCTION_TEMPLATES:
         raise ValueError(f"task {task!r}; expected one of {sorted(INSTRUCTION_TEMPLATES)}")
     if task == "caption":
-        caption = pre_caption(_text(sample, "caption"), max_words)
+        caption = pre_caption(text_or_most_frequent(sample, "caption"), max_words)
         if not caption:
             raise UnreadableSampleError(f"caption {sample['caption']!r} is empty after cleaning", "bad text")
         return {}, caption
     if task == "classification":
-        return {}, _text(sample, "label")
-    question = pre_question(_text(sample, "question"), max_words).strip()
-    answer = _text(sample, "answer")
+        return {}, text_or_most_frequent(sample, "label")
+    question = pre_question(text_or_most_frequent(sample, "question"), max_words).strip()
+    answer = text_or_most_frequent(sample, "answer")
     if not question:
         raise UnreadableSampleError(f"question {sample['question']!r} is empty after cleaning", "bad text")
     if task == "vqg":
