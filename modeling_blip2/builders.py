@@ -194,12 +194,15 @@ def build_stage2_model(
     language_model: str | os.PathLike | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None = None,
     image_token_id: int | None = None,
+    instruction_aware: bool = False,
     **config_kwargs,
 ) -> Blip2BridgeForConditionalGeneration:
     """A stage-2 `Blip2BridgeForConditionalGeneration` from a stage-1 model and a pretrained language model.
 
     stage1_model: a `Blip2BridgeModel` or the path / hub id of a saved one. Its vision encoder, `vision_layernorm`,
-        queries and Q-Former (query path) are copied; its text-side weights are not carried.
+        queries and Q-Former (query path) are copied; its text-side weights are not carried, unless
+    instruction_aware: the Q-Former keeps its text side (word/position embeddings, text feed-forward, copied from
+        stage 1 as InstructBLIP starts from BLIP-2's) and reads an instruction (`qformer_input_ids`) with the queries.
     language_model: a causal LM (`AutoModelForCausalLM`) or a seq2seq LM (`AutoModelForSeq2SeqLM`) with its LM head, or
         a path / hub id of one. It becomes the model's `language_model` as it is (not copied) and is frozen unless
         `freeze_language_model=False`.
@@ -223,18 +226,25 @@ def build_stage2_model(
     if isinstance(language_model, (str, os.PathLike)):
         language_model = load_language_model(language_model)
     image_token_id = add_image_token_to_language_model(language_model, tokenizer, image_token_id)
-    config = stage2_config(stage1_model.config, language_model.config, image_token_id, **config_kwargs)
+    config = stage2_config(
+        stage1_model.config, language_model.config, image_token_id, instruction_aware=instruction_aware, **config_kwargs
+    )
     return assemble_stage2_model(config, named_tensors(stage1_model), language_model, copy_tensors=copy_tensors)
 
 
 def stage2_config(
-    bridge_config: Blip2BridgeConfig, text_config: PreTrainedConfig, image_token_id: int | None, **config_kwargs
+    bridge_config: Blip2BridgeConfig,
+    text_config: PreTrainedConfig,
+    image_token_id: int | None,
+    instruction_aware: bool = False,
+    **config_kwargs,
 ) -> Blip2BridgeConfig:
-    """The stage-2 configuration of a stage-1 configuration (vision side, queries, Q-Former) and an LLM's."""
+    """The stage-2 configuration of a stage-1 configuration (vision side, queries, Q-Former) and an LLM's; the Q-Former
+    reads text only when `instruction_aware` (InstructBLIP)."""
     settings = {name: getattr(bridge_config, name) for name in STAGE1_SETTINGS}
     return Blip2BridgeConfig(
         vision_config=bridge_config.vision_config,
-        qformer_config={**bridge_config.qformer_config.to_dict(), "use_text_input": False},
+        qformer_config={**bridge_config.qformer_config.to_dict(), "use_text_input": instruction_aware},
         text_config=text_config,
         image_token_id=image_token_id,
         **{**settings, **config_kwargs},

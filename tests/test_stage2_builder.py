@@ -201,3 +201,28 @@ def test_wrong_inputs_are_clear_errors():
         build_stage2_model(stage2, tiny_llm())
     with pytest.raises(ValueError, match="image_token_id=5 and a tokenizer were both given"):
         build_stage2_model(tiny_model(), tiny_llm(), tokenizer=make_llm_tokenizer("opt"), image_token_id=5)
+
+
+def test_an_instruction_aware_build_keeps_the_stage1_text_side_and_its_queries_read_the_instruction():
+    # InstructBLIP starts from BLIP-2: the Q-Former's text side comes from stage 1, and the queries' outputs over an
+    # instruction are exactly stage 1's Q-Former over [queries; instruction] (its ITM mode), queries kept.
+    stage1 = tiny_model(attn_implementation="sdpa").eval()
+    tokenizer = make_llm_tokenizer("opt")
+    stage2 = build_stage2_model(stage1, tiny_llm("opt"), tokenizer=tokenizer, instruction_aware=True)
+    assert stage2.config.qformer_config.use_text_input
+    assert torch.equal(stage2.qformer.word_embeddings.weight, stage1.qformer.word_embeddings.weight)
+    assert stage2.qformer.word_embeddings.weight.data_ptr() != stage1.qformer.word_embeddings.weight.data_ptr()
+    pixel_values = images()
+    instruction = torch.tensor([[2, 17, 33, 3], [2, 40, 3, 0]])
+    mask = (instruction != 0).long()
+    with torch.no_grad():
+        image_embeds = stage1.get_image_embeds(pixel_values)
+        expected = stage1.qformer(
+            input_ids=instruction, attention_mask=mask, query_embeds=stage1.query_tokens, image_embeds=image_embeds
+        ).last_hidden_state[:, :NUM_QUERY_TOKENS]
+        actual = stage2.get_image_features(pixel_values, qformer_input_ids=instruction, qformer_attention_mask=mask)
+        without = stage2.get_image_features(pixel_values).query_output
+    torch.testing.assert_close(actual.query_output, expected, rtol=0, atol=1e-6)
+    assert (actual.query_output - without).abs().max() > 1e-3  # the instruction changes what the queries read
+    plain = build_stage2_model(stage1, tiny_llm("opt"), tokenizer=make_llm_tokenizer("opt"))
+    assert not plain.config.qformer_config.use_text_input and not hasattr(plain.qformer, "word_embeddings")

@@ -89,6 +89,13 @@ class ModelArguments:
             "the BERT (stage 1) or LLM (stage 2) path"
         },
     )
+    instruction_aware: bool = field(
+        default=False,
+        metadata={
+            "help": "stage 2 from a stage-1 --model_name_or_path: keep the Q-Former's text side so that it reads the "
+            "instruction (InstructBLIP), for --instruction_data"
+        },
+    )
     qformer_tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -314,7 +321,10 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_args.language_model_name_or_path)
         model = builders.build_stage2_model(
-            model_args.model_name_or_path, model_args.language_model_name_or_path, tokenizer=tokenizer
+            model_args.model_name_or_path,
+            model_args.language_model_name_or_path,
+            tokenizer=tokenizer,
+            instruction_aware=model_args.instruction_aware,
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
