@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -312,14 +313,22 @@ class Blip2BridgePreTrainedModel(Blip2BridgeHubMixin, PreTrainedModel):
     _no_split_modules = ["Blip2BridgeQFormerLayer"]
     _skip_keys_device_placement = ["cache"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Initialised as transformers' own models are: `_init_weights` writes through `transformers.initialization`,
+        which leaves loaded tensors alone. transformers therefore need not treat the model as custom code, which would
+        skip every nested module without parameters of its own, e.g. a T5 LLM's attention blocks, whose weights T5
+        initialises at the block (`from_pretrained` with the LLM's weights missing would give them plain normal(1))."""
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)  # BERT's scheme: normal(initializer_range) weights, zero biases, unit norms
         std = self.config.initializer_range
         if hasattr(module, "query_tokens"):
-            nn.init.normal_(module.query_tokens, mean=0.0, std=std)
+            init.normal_(module.query_tokens, mean=0.0, std=std)
         if hasattr(module, "temp"):
-            nn.init.constant_(module.temp, self.config.initial_temperature)
+            init.constant_(module.temp, self.config.initial_temperature)
 
 
 class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):

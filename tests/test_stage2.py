@@ -412,3 +412,16 @@ def test_half_precision_loading_keeps_the_queries_and_qformer_in_float32(tmp_pat
         full_loss, half_loss = model(**inputs).loss, half(**inputs).loss
     assert half_loss.dtype == torch.float16 or half_loss.dtype == torch.float32
     assert abs(half_loss.float().item() - full_loss.item()) < 0.02
+
+
+def test_missing_llm_weights_are_initialised_by_the_llms_own_scheme():
+    # T5 initialises its attention projections at the attention block (q: std (d_model * d_kv) ** -0.5); a composite
+    # model that transformers took for custom code skipped such blocks, leaving normal(1) weights.
+    config = tiny_stage2_config("t5")
+    model = Blip2BridgeForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    text = config.text_config
+    expected_std = (text.d_model * text.d_kv) ** -0.5
+    for name, weight in model.language_model.named_parameters():
+        if name.endswith("SelfAttention.q.weight"):
+            assert abs(weight.std().item() - expected_std) < 0.3 * expected_std, (name, weight.std().item())
+    assert abs(model.query_tokens.std().item() - config.initializer_range) < 0.5 * config.initializer_range
