@@ -743,8 +743,11 @@ def load_lavis_checkpoint(
     check_language_model_given(stage2_model, language_model is not None)
     if stage2_model is None:
         config = lavis_config_from_state_dict(state_dict, vision=vision, qformer_config=qformer_config)
+        # Convert (checking depth, names and shapes against a meta-device model) before building the real one: a
+        # mismatched preset (ViT-g + BERT-base, ~4 GB to allocate and initialise) is refused in milliseconds.
+        converted = convert_lavis_state_dict(state_dict, config)
         model = Blip2BridgeModel(config)
-        model.load_state_dict(convert_lavis_state_dict(state_dict, config), strict=True)
+        model.load_state_dict(converted, strict=True)
         return model, None
 
     state_dict, language_model_weights = split_language_model_weights(state_dict, stage2_model)

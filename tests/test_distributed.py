@@ -1,4 +1,4 @@
-"""Two CPU processes over gloo against one process with the doubled batch."""
+"""Two CPU processes over gloo against one process with the doubled batch: losses, ITM logits and gradients."""
 
 import socket
 
@@ -8,13 +8,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_models import tiny_batch, tiny_model
+from modeling_blip2 import modeling_stage1
+from tests.tiny_models import PAD_ID, SEP_ID, tiny_batch, tiny_model
 
 WORLD_SIZE = 2
 PER_RANK_BATCH = 3
 COMPARED_GRADIENTS = ["query_tokens", "temp", "vision_proj.weight", "text_proj.weight", "vision_layernorm.weight",
                       "qformer.layer.0.crossattention.key.weight", "qformer.layer.1.text_feed_forward.output.weight",
-                      "itg_head.dense.weight"]
+                      "itg_head.dense.weight", "itm_head.weight"]
+# ITM alone: what reaches the images through the negatives that live on the other process.
+ITM_GRADIENTS = ["query_tokens", "vision_layernorm.weight", "vision_layernorm.bias",
+                 "qformer.layer.0.crossattention.key.weight", "qformer.layer.2.crossattention.value.weight",
+                 "qformer.layer.1.attention.query.weight", "itm_head.weight"]
+# Rank 1's captions end early: it trims its padding, so the two processes hold texts of different padded lengths.
+SHORT_LENGTH = 5
 
 
 def free_port() -> int:
@@ -23,34 +30,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def itc_itg_step(model, pixel_values, input_ids, attention_mask) -> dict[str, torch.Tensor]:
-    """ITC + ITG loss and gradients (ITM draws random negatives, so it is left out of the comparison)."""
+def hardest_negatives(similarity, positive_mask, generator=None):
+    """The sampler made deterministic (the most similar non-positive), so that two processes and one process draw the
+    same ITM negatives and ITM can be compared exactly."""
+    return similarity.masked_fill(positive_mask, float("-inf")).argmax(dim=1)
+
+
+def step(model, pixel_values, input_ids, attention_mask, losses, gradients) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-    (out.loss_itc + out.loss_itg).backward()
-    result = {"loss_itc": out.loss_itc.detach().reshape(1), "loss_itg": out.loss_itg.detach().reshape(1),
-              "itm_logits_rows": torch.tensor([float(out.itm_logits.shape[0])])}
-    result.update({name: model.get_parameter(name).grad.clone() for name in COMPARED_GRADIENTS})
+    sum(getattr(out, loss) for loss in losses).backward()
+    result = {loss: getattr(out, loss).detach().reshape(1) for loss in losses}
+    result["itm_logits"] = out.itm_logits.detach()
+    result.update({name: model.get_parameter(name).grad.clone() for name in gradients})
     return result
 
 
 def run_rank(rank: int, port: int, out_dir: str, gather_with_grad: bool):
     torch.set_num_threads(1)
+    modeling_stage1.sample_hard_negatives = hardest_negatives  # this spawned process's own copy of the module
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         model = tiny_model(gather_with_grad=gather_with_grad).train()
-        pixel_values, input_ids, attention_mask = full_batch()
         rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
-        result = itc_itg_step(model, pixel_values[rows], input_ids[rows], attention_mask[rows])
+        pixel_values, input_ids, attention_mask = full_batch()
+        full = step(model, pixel_values[rows], input_ids[rows], attention_mask[rows],
+                    ("loss_itc", "loss_itm", "loss_itg"), COMPARED_GRADIENTS)
+        pixel_values, input_ids, attention_mask = padded_batch()
+        columns = slice(None, SHORT_LENGTH if rank == 1 else None)
+        padded = step(model, pixel_values[rows], input_ids[rows, columns], attention_mask[rows, columns],
+                      ("loss_itm",), ITM_GRADIENTS)
         # Gradients are averaged over the processes, as DistributedDataParallel does.
-        for name in COMPARED_GRADIENTS:
-            dist.all_reduce(result[name])
-            result[name] /= WORLD_SIZE
-        # Texts of different padded lengths on each process still gather for ITM negatives.
-        short = 5 if rank == 1 else 8
-        model(pixel_values=pixel_values[rows], input_ids=input_ids[rows, :short],
-              attention_mask=attention_mask[rows, :short]).loss.backward()
-        save_file(result, f"{out_dir}/rank{rank}.safetensors")
+        for result, names in ((full, COMPARED_GRADIENTS), (padded, ITM_GRADIENTS)):
+            for name in names:
+                dist.all_reduce(result[name])
+                result[name] /= WORLD_SIZE
+        save_file({**{f"full.{k}": v for k, v in full.items()}, **{f"padded.{k}": v for k, v in padded.items()}},
+                  f"{out_dir}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -62,16 +78,45 @@ def full_batch():
     return pixel_values, input_ids, torch.ones_like(input_ids)
 
 
+def padded_batch():
+    """The doubled batch with rank 1's captions (rows 3-5) ending at SHORT_LENGTH, padded to 8 columns."""
+    pixel_values, input_ids, attention_mask = full_batch()
+    input_ids[PER_RANK_BATCH:, SHORT_LENGTH - 1] = SEP_ID
+    input_ids[PER_RANK_BATCH:, SHORT_LENGTH:] = PAD_ID
+    attention_mask[PER_RANK_BATCH:, SHORT_LENGTH:] = 0
+    return pixel_values, input_ids, attention_mask
+
+
+def rank_rows(single_logits: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rows of one process's ITM logits in the single process's [positives; negative images; negative texts]."""
+    batch = WORLD_SIZE * PER_RANK_BATCH
+    return torch.cat([single_logits[part * batch + rank * PER_RANK_BATCH :][:PER_RANK_BATCH] for part in range(3)])
+
+
 @pytest.mark.parametrize("gather_with_grad", [False, True])
-def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, gather_with_grad):
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, gather_with_grad, monkeypatch):
     mp.spawn(run_rank, args=(free_port(), str(tmp_path), gather_with_grad), nprocs=WORLD_SIZE, join=True)
     ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(WORLD_SIZE)]
 
-    single = itc_itg_step(tiny_model(gather_with_grad=gather_with_grad).train(), *full_batch())
-    for loss in ("loss_itc", "loss_itg"):
-        mean_over_ranks = sum(r[loss] for r in ranks) / WORLD_SIZE
-        torch.testing.assert_close(mean_over_ranks, single[loss], atol=1e-5, rtol=1e-5)
-    for name in COMPARED_GRADIENTS:
-        torch.testing.assert_close(ranks[0][name], single[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-        assert single[name].abs().sum() > 0, name
-    assert ranks[0]["itm_logits_rows"].item() == 3 * PER_RANK_BATCH
+    monkeypatch.setattr(modeling_stage1, "sample_hard_negatives", hardest_negatives)
+    model = tiny_model(gather_with_grad=gather_with_grad).train()
+    singles = {
+        "full": step(model, *full_batch(), ("loss_itc", "loss_itm", "loss_itg"), COMPARED_GRADIENTS),
+        "padded": step(model, *padded_batch(), ("loss_itm",), ITM_GRADIENTS),
+    }
+    for part, single in singles.items():
+        for loss in [key for key in single if key.startswith("loss")]:
+            mean_over_ranks = sum(r[f"{part}.{loss}"] for r in ranks) / WORLD_SIZE
+            torch.testing.assert_close(mean_over_ranks, single[loss], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{part}.{loss}: {m}")
+        for rank, result in enumerate(ranks):
+            # Each process scores its pairs, its negatives drawn from both processes, as the one process does.
+            torch.testing.assert_close(result[f"{part}.itm_logits"], rank_rows(single["itm_logits"], rank),
+                                       atol=1e-5, rtol=0, msg=f"{part} rank {rank}")
+        for name in COMPARED_GRADIENTS if part == "full" else ITM_GRADIENTS:
+            # Relative to the gradient's norm: float32 sums in another order differ by ~1e-7 of it.
+            relative_error = ((ranks[0][f"{part}.{name}"] - single[name]).norm() / single[name].norm()).item()
+            assert relative_error < 1e-5, f"{part}.{name}: relative gradient error {relative_error:.2e}"
+    # Some negatives live on the other process (otherwise the cross-process paths would go untested).
+    negatives = singles["full"]["itm_logits"].shape[0]
+    assert negatives == 3 * WORLD_SIZE * PER_RANK_BATCH

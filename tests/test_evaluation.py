@@ -148,18 +148,46 @@ def stage1_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path):
+# Fixed answers, keyed by a word of each question: an untrained model answers nothing right (accuracy 0 whatever the
+# rows hold), so the runner tests score these instead. Official VQA accuracy (mean over the 10 leave-one-out subsets
+# of min(1, matching humans / 3)): "pink" (3 of 10 humans) 0.9, "3" 0, "yes" 1, "food" (4 of 10) 1, "lake" 1.
+FIXED_ANSWERS = {"sofa": "pink", "dogs": "3", "raining": "yes", "plate": "food", "boat": "lake"}
+FIXED_VQA_ACCURACY = 100 * (0.9 + 0 + 1 + 1 + 1) / 5
+
+
+def with_fixed_generations(monkeypatch, generation_for):
+    """Makes the runner's model answer `generation_for(prompt, pixel_values_row)` instead of generating: the runner's
+    plumbing (rows, references, metric) is then checked on predictions whose metric is known and non-zero."""
+    load = runner.load_model_and_processor
+
+    def load_with_fixed_generations(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+
+        def generate(input_ids=None, pixel_values=None, **unused):
+            prompts = processor.batch_decode(input_ids, skip_special_tokens=True)
+            new_tokens = [processor.tokenizer(" " + generation_for(prompt, pixels), add_special_tokens=False)["input_ids"]
+                          for prompt, pixels in zip(prompts, pixel_values)]
+            width = max(map(len, new_tokens))
+            pad = processor.tokenizer.pad_token_id
+            new_tokens = torch.tensor([tokens + [pad] * (width - len(tokens)) for tokens in new_tokens])
+            return torch.cat([input_ids, new_tokens], dim=1)  # a decoder-only LLM returns the prompt too
+
+        model.generate = generate
+        return model, processor
+
+    monkeypatch.setattr(runner, "load_model_and_processor", load_with_fixed_generations)
+
+
+def test_vqa_writes_one_row_per_question_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, monkeypatch):
+    with_fixed_generations(monkeypatch, lambda prompt, _: next(a for w, a in FIXED_ANSWERS.items() if w in prompt))
     output = tmp_path / "vqav2"
     result = runner.evaluate("vqav2", stage2_dir, data_dir, output, batch_size=2, shard_size=2)
     rows = read_jsonl(output / "predictions.jsonl")
     assert [row["question_id"] for row in rows] == [1000, 1001, 1002, 1003, 1004]
     assert [row["answers"] for row in rows] == ANSWERS
-    assert all(row["prediction"] for row in rows)  # min_new_tokens=1: never an empty answer
-    expected = VQAAccuracy(config_name="official").compute(
-        predictions=[row["prediction"] for row in rows], references=ANSWERS
-    )
+    assert [row["prediction"] for row in rows] == ["pink", "3", "yes", "food", "lake"]
     saved = json.loads((output / "metrics.json").read_text())
-    assert saved["accuracy"] == expected["accuracy"] == result["accuracy"]
+    assert saved["accuracy"] == result["accuracy"] == pytest.approx(FIXED_VQA_ACCURACY, abs=1e-6)
     assert saved["num_samples"] == 5 and saved["generation"]["prompt"] == "Question: {} Short answer:"
 
 
@@ -187,23 +215,37 @@ def test_paper_defaults_and_the_eos_stop_are_one_flag_away(stage2_dir, data_dir,
     )
 
 
-def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path):
+def test_captioning_writes_one_row_per_image_and_the_metric_of_those_rows(stage2_dir, data_dir, tmp_path, monkeypatch):
+    annotations = json.loads((data_dir / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
+    processor = Blip2BridgeProcessor.from_pretrained(stage2_dir)
+    image_pixels = [processor(images=Image.open(data_dir / "coco" / "images" / entry["image"]).convert("RGB"),
+                              return_tensors="pt")["pixel_values"][0] for entry in annotations]
+    # Each image is "captioned" with the first five words of its first reference: every metric is non-zero, and
+    # pairing a prediction with another image's references changes it.
+    fixed_captions = [" ".join(entry["caption"][0].split()[:5]) for entry in annotations]
+
+    def caption_of(prompt, pixels):
+        assert prompt.strip() == "a photo of"
+        return fixed_captions[min(range(len(image_pixels)), key=lambda i: (image_pixels[i] - pixels).abs().sum())]
+
+    with_fixed_generations(monkeypatch, caption_of)
     runner.evaluate("coco_caption", stage2_dir, data_dir, tmp_path, batch_size=2, shard_size=2,
                     generation={"max_new_tokens": 12})
     rows = read_jsonl(tmp_path / "predictions.jsonl")
-    annotations = json.loads((data_dir / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
     assert [row["image_id"] for row in rows] == [entry["image"] for entry in annotations]
     assert [row["references"] for row in rows] == [entry["caption"] for entry in annotations]
+    assert [row["prediction"] for row in rows] == fixed_captions
     assert json.loads((tmp_path / "metrics.json").read_text())["generation"] == dict(
         prompt="a photo of", num_beams=5, max_new_tokens=12, min_new_tokens=8, length_penalty=1.0,
         repetition_penalty=1.0, end_of_text="\n",
     )
-    expected = CaptionMetrics().compute(
-        predictions=[row["prediction"] for row in rows], references=[row["references"] for row in rows]
-    )
+    references = [entry["caption"] for entry in annotations]  # from the annotations, not from the rows
+    expected = CaptionMetrics().compute(predictions=fixed_captions, references=references)
+    mismatched = CaptionMetrics().compute(predictions=fixed_captions, references=references[::-1])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("Bleu_4", "CIDEr", "ROUGE_L"):
-        assert saved[name] == expected[name]
+        assert saved[name] == pytest.approx(expected[name], abs=1e-9), name
+        assert expected[name] > 0 and abs(mismatched[name] - expected[name]) > 0.01, name
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,18 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_blip2.retrieval import UNRANKED_SCORE, compute_retrieval_scores, select_candidates
+from tests.test_lavis_reference import PRODUCT_DEC, oracle_and_product
+from tests.test_modeling import oracle_itm_logits
 from tests.tiny_models import CLS_ID, DEC_ID, PAD_ID, SEP_ID, tiny_model
 
 
-def retrieval_data(num_images=6, num_texts=15, text_length=9, seed=0):
+def retrieval_data(num_images=6, num_texts=15, text_length=9, seed=0, vocab_end=DEC_ID):
     generator = torch.Generator().manual_seed(seed)
     image_embeds = torch.randn(num_images, 5, 24, generator=generator)
-    input_ids = torch.randint(5, DEC_ID, (num_texts, text_length), generator=generator)
+    input_ids = torch.randint(5, vocab_end, (num_texts, text_length), generator=generator)
     lengths = torch.randint(3, text_length + 1, (num_texts,), generator=generator)
     attention_mask = (torch.arange(text_length)[None] < lengths[:, None]).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, PAD_ID)
@@ -19,26 +22,31 @@ def retrieval_data(num_images=6, num_texts=15, text_length=9, seed=0):
     return image_embeds, input_ids, attention_mask
 
 
-def original_score_matrices(model, image_embeds, input_ids, attention_mask, k):
-    """LAVIS compute_sim_matrix, restated: per image ITM on its top-k texts, per text ITM on its top-k images."""
-    image_feats = model.get_image_features(image_embeds=image_embeds).pooler_output
-    text_feats = model.get_text_features(input_ids, attention_mask).pooler_output
+def original_score_matrices(oracle, image_embeds, input_ids, attention_mask, k):
+    """LAVIS compute_sim_matrix, restated on the original's own passes (tests/lavis_reference.py, which shares no code
+    with the product): per image ITM on its top-k texts, per text ITM on its top-k images."""
+    queries = oracle.query_tokens.expand(len(image_embeds), -1, -1)
+    query_output, _ = oracle.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds)
+    image_feats = F.normalize(oracle.vision_proj(query_output), dim=-1)
+    text_output, _ = oracle.Qformer.bert(input_ids, attention_mask=attention_mask)
+    text_feats = F.normalize(oracle.text_proj(text_output[:, 0]), dim=-1)
     sims_matrix = torch.stack([(image_embed @ text_feats.t()).max(0).values for image_embed in image_feats])
     score_matrix_i2t = torch.full((len(image_embeds), len(input_ids)), -100.0)
     for i, sims in enumerate(sims_matrix):
         topk_sim, topk_idx = sims.topk(k=k, dim=0)
-        score = model.get_itm_logits(
-            input_ids[topk_idx], attention_mask[topk_idx], image_embeds=image_embeds[i].repeat(k, 1, 1)
-        )[:, 1]
-        score_matrix_i2t[i, topk_idx] = score + topk_sim
+        score = oracle_itm_logits(oracle, input_ids[topk_idx], attention_mask[topk_idx], image_embeds[i].repeat(k, 1, 1))
+        score_matrix_i2t[i, topk_idx] = score[:, 1] + topk_sim
     score_matrix_t2i = torch.full((len(input_ids), len(image_embeds)), -100.0)
     for i, sims in enumerate(sims_matrix.t()):
         topk_sim, topk_idx = sims.topk(k=k, dim=0)
-        score = model.get_itm_logits(
-            input_ids[i].repeat(k, 1), attention_mask[i].repeat(k, 1), image_embeds=image_embeds[topk_idx]
-        )[:, 1]
-        score_matrix_t2i[i, topk_idx] = score + topk_sim
+        score = oracle_itm_logits(oracle, input_ids[i].repeat(k, 1), attention_mask[i].repeat(k, 1), image_embeds[topk_idx])
+        score_matrix_t2i[i, topk_idx] = score[:, 1] + topk_sim
     return score_matrix_i2t, score_matrix_t2i
+
+
+@pytest.fixture(scope="module")
+def oracle_and_model():
+    return oracle_and_product()
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +56,10 @@ def model():
 
 @torch.no_grad()
 @pytest.mark.parametrize("k", [1, 4])
-def test_scores_equal_the_original_per_query_loops(model, k):
-    image_embeds, input_ids, attention_mask = retrieval_data()
-    expected_i2t, expected_t2i = original_score_matrices(model, image_embeds, input_ids, attention_mask, k)
+def test_scores_equal_the_original_per_query_loops(oracle_and_model, k):
+    oracle, model = oracle_and_model
+    image_embeds, input_ids, attention_mask = retrieval_data(vocab_end=PRODUCT_DEC)
+    expected_i2t, expected_t2i = original_score_matrices(oracle, image_embeds, input_ids, attention_mask, k)
     # Small batches and image blocks so that batching, block boundaries and text trimming all take part.
     scores_i2t, scores_t2i = compute_retrieval_scores(
         model, image_embeds, input_ids, attention_mask, k=k, batch_size=5, images_per_block=4
