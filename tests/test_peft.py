@@ -89,3 +89,38 @@ def test_saved_adapters_load_onto_the_base_model_with_identical_logits(tmp_path)
     actual_logits, actual_tokens = outputs(reloaded)
     torch.testing.assert_close(actual_logits, expected_logits, rtol=0, atol=0)
     assert actual_tokens.tolist() == expected_tokens.tolist()
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_an_instruction_aware_model_takes_adapters_and_its_instruction_through_peft(task_type):
+    # InstructBLIP fine-tuning with LoRA: the instruction reaches the Q-Former through PEFT's wrappers (forward and
+    # generate), the adapters on its text feed-forward train, and the merged model answers as the adapted one.
+    def instruction_aware(seed: int = 0):
+        torch.manual_seed(seed)
+        return Blip2BridgeForConditionalGeneration(tiny_stage2_config("opt", use_text_input=True)).eval()
+
+    pixel_values, input_ids, attention_mask = prompts(left_pad=True)
+    instruction = torch.tensor([[2, 17, 33, 3], [2, 40, 3, 0]])
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                  qformer_input_ids=instruction, qformer_attention_mask=(instruction != 0).long())
+    targets = f"{LLM_TARGETS}|{QFORMER_TARGETS}|" + r"qformer\.layer\.\d+\.text_feed_forward\.intermediate"
+    model = get_peft_model(instruction_aware(), lora_config(targets, task_type))
+    model.train()
+    model(**inputs, labels=input_ids).loss.backward()
+    last = QFORMER_CONFIG["num_hidden_layers"] - 1
+    text_adapters = {n: p for n, p in model.named_parameters() if "text_feed_forward" in n and p.requires_grad}
+    # The instruction's outputs of the last layer are never read (only the queries reach the LLM): not computed.
+    read = {n: p for n, p in text_adapters.items() if f".layer.{last}." not in n}
+    assert read and all(p.grad is not None and p.grad.abs().sum() > 0 for p in read.values())
+    assert all(p.grad is None for n, p in text_adapters.items() if n not in read)
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        other = model(**{**inputs, "qformer_input_ids": instruction.flip(1)}).logits
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert (logits - other).abs().max() > 1e-3  # the instruction reaches the queries through PEFT
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, logits, atol=1e-5, rtol=1e-5)
+    assert merged.generate(**inputs, max_new_tokens=4, do_sample=False).tolist() == tokens.tolist()
