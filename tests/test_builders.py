@@ -119,6 +119,7 @@ def test_cross_attention_exists_every_frequency_layers_and_new_weights_are_drawn
     assert abs(new_weights.mean().item()) < 0.1 * INITIALIZER_RANGE
     assert torch.count_nonzero(crossattention.query.bias) == 0
     assert abs(model.query_tokens.std().item() - INITIALIZER_RANGE) < 0.15 * INITIALIZER_RANGE
+    assert abs(model.query_tokens.mean().item()) < 0.1 * INITIALIZER_RANGE  # normal(0, std), centred
     assert model.query_tokens.shape == (1, 8, 32)
 
     frequency_three = build_stage1_model(tiny_clip_vision(), tiny_bert(60), cross_attention_frequency=3)

@@ -297,3 +297,12 @@ def test_stage2_batches_train_the_model_on_exactly_the_labelled_tokens(text):
     assert (targets != -100).sum() == 4 + 2  # "a dog runs </s>" and "cat </s>"
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1))
     assert abs(output.loss.item() - expected.item()) <= 1e-6
+
+
+def test_prompt_and_target_join_with_exactly_one_space():
+    from modeling_blip2.training.collators import join_prompt
+
+    assert join_prompt("a photo of", "cat") == "a photo of cat"
+    assert join_prompt("a photo of ", "cat") == "a photo of cat"  # the prompt's own space is kept, none added
+    assert join_prompt("Question: why?\n", "because") == "Question: why?\nbecause"
+    assert join_prompt("", "cat") == "cat"

@@ -280,6 +280,14 @@ def test_video_frames_are_images_that_each_read_their_sample_instruction(video_c
         ours(**one_frame_of_placeholders)
     with pytest.raises(ValueError, match="one instruction per video"):
         ours.get_image_features(pixel_values, qformer_input_ids=qformer_ids[:1])
+    # A video of one frame is one image's worth of queries; a video without frames is refused.
+    with torch.no_grad():
+        one_frame = ours.get_image_features(
+            pixel_values[:1, :1], qformer_input_ids=qformer_ids[:1], qformer_attention_mask=qformer_mask[:1]
+        ).pooler_output
+    torch.testing.assert_close(one_frame[0], features[0, :NUM_QUERY_TOKENS], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="expected at least one video of one frame"):
+        ours.get_image_features(pixel_values[:, :0])
 
 
 def test_video_captioning_without_a_prompt_equals_transformers(video_case):

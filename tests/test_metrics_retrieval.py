@@ -127,3 +127,7 @@ def test_bad_retrieval_inputs_are_named_in_the_error():
         RetrievalRecall().compute(scores_i2t=scores, scores_t2i=scores.T, img2txt=[[0, 1], []], txt2img=[0, 0, 1, 1])
     with pytest.raises(ValueError, match="missing"):
         RetrievalRecall().compute(scores_i2t=scores, scores_t2i=scores.T)
+    # An image index past the end (an IndexError unchecked) or negative (silently the last image) is refused.
+    for txt2img in ([0, 0, 1, 2], [0, 0, 1, -1]):
+        with pytest.raises(ValueError, match=r"txt2img holds image indices outside \[0, 2\)"):
+            RetrievalRecall().compute(scores_i2t=scores, scores_t2i=scores.T, img2txt=[[0, 1], [2, 3]], txt2img=txt2img)
