@@ -121,8 +121,9 @@ class Blip2BridgeQFormerAttention(nn.Module):
     cross-attention, `encoder_key_value` holds the image features' keys and values, projected once per image by
     `project_key_value` before the rows that read the image are gathered.
 
-    Keys and values travel as one tensor, concatenated on the last dimension: a layer then gets each as a single
-    positional tensor, which gradient checkpointing (reentrant or not) sees as an input, and rows are gathered once.
+    Keys and values travel as one tensor, stacked on a leading dimension of 2: a layer then gets each as a single
+    positional tensor, which gradient checkpointing (reentrant or not) sees as an input, rows are gathered once, and
+    keys and values stay contiguous (what the attention kernels read fastest).
     """
 
     def __init__(self, config: Blip2BridgeQFormerConfig, is_cross_attention: bool = False):
@@ -144,10 +145,10 @@ class Blip2BridgeQFormerAttention(nn.Module):
         return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_key_value(self, states: torch.Tensor) -> torch.Tensor:
-        """(batch, length, 2 * hidden_size): keys then values. Heads are split where they are used, after any gather
-        of rows: gathering whole contiguous rows costs half as much, backward included. The two projections stay
-        module calls, so that adapters on `key`/`value` (PEFT's LoRA) take part."""
-        return torch.cat([self.key(states), self.value(states)], dim=-1)
+        """(2, batch, length, hidden_size): keys and values stacked. Heads are split where they are used, after any
+        gather of rows (along dimension 1): gathering whole contiguous rows costs half as much, backward included. The
+        two projections stay module calls, so that adapters on `key`/`value` (PEFT's LoRA) take part."""
+        return torch.stack([self.key(states), self.value(states)])
 
     def forward(
         self,
@@ -161,14 +162,14 @@ class Blip2BridgeQFormerAttention(nn.Module):
         """Returns the block output, this pass's (key, value) (a cache keeps them for later tokens) and, with
         `output_attentions`, the attention weights (batch, heads, rows, keys).
 
-        encoder_key_value: (batch, image_length, 2 * hidden_size) from `project_key_value`, for cross-attention.
-        past_key_value: (batch, heads, past_length, 2 * head_dim) cached keys and values, concatenated.
+        encoder_key_value: (2, batch, image_length, hidden_size) from `project_key_value`, for cross-attention.
+        past_key_value: (2, batch, heads, past_length, head_dim) cached keys and values, stacked.
         output_rows: only the first rows attend and are returned; every row still serves as a key.
         """
         if encoder_key_value is None:
             key, value = self.key(hidden_states), self.value(hidden_states)
         else:
-            key, value = encoder_key_value.chunk(2, dim=-1)
+            key, value = encoder_key_value.unbind(0)
         if output_rows is not None:
             hidden_states = hidden_states[:, :output_rows]
             if attention_mask is not None and attention_mask.shape[2] > 1:
@@ -177,7 +178,7 @@ class Blip2BridgeQFormerAttention(nn.Module):
         key, value = self._split_heads(key), self._split_heads(value)
         new_key_value = (key, value)
         if past_key_value is not None:
-            past_key, past_value = past_key_value.chunk(2, dim=-1)
+            past_key, past_value = past_key_value.unbind(0)
             key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
 
         # Fused kernels (SDPA) do not return the weights: a call that asks for them takes the eager path.
@@ -272,7 +273,9 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
                 raise ValueError("image_embeds must be given when queries pass through a cross-attention layer")
             query_states, _, cross_attention_weights = self.crossattention(
                 query_states,
-                encoder_key_value=gather_rows((image_key_value,), plan.image_index)[0],
+                encoder_key_value=(
+                    image_key_value if plan.image_index is None else image_key_value.index_select(1, plan.image_index)
+                ),
                 output_attentions=output_attentions,
             )
         outputs = [self.query_feed_forward(query_states)] if query_length > 0 else []
@@ -447,7 +450,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         past_length = 0 if cache is None else cache.get_seq_length()
         if image_key_values is None and image_embeds is not None and query_embeds is not None:
             image_key_values = self.project_image(image_embeds)
-        num_images = None if image_key_values is None else image_key_values[0].shape[0]  # layer 0 cross-attends
+        num_images = None if image_key_values is None else image_key_values[0].shape[1]  # layer 0 cross-attends
         input_index = self._input_index(rows, query_embeds, inputs_embeds, num_images, past_length)
         every_position = bool(output_attentions or output_hidden_states)
         if input_index is not None and (self._dropout_active() or every_position):
@@ -488,7 +491,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         for layer_idx, (layer, plan) in enumerate(zip(self.layer, plans)):
             past_key_value = None
             if past_length > 0:
-                past_key_value = torch.cat([cache.layers[layer_idx].keys, cache.layers[layer_idx].values], dim=-1)
+                past_key_value = torch.stack([cache.layers[layer_idx].keys, cache.layers[layer_idx].values])
             hidden_states, new_keys, new_values, attention_weights, cross_attention_weights = layer(
                 hidden_states,
                 None if image_key_values is None else image_key_values[layer_idx],

@@ -295,7 +295,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         if image_key_values is None:
             image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
         num_texts = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
-        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[0]
+        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[1]
         self._check_pairs(num_texts, num_images, text_index, image_index)
         output = self.qformer(
             input_ids=input_ids,
@@ -544,7 +544,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             image_embeds_all = gather_across_processes(image_embeds, with_grad=True)
             negative_key_values = self.qformer.project_image(image_embeds_all[negative_image_index])
             image_key_values = [
-                None if own is None else torch.cat([own, negative])
+                None if own is None else torch.cat([own, negative], dim=1)
                 for own, negative in zip(image_key_values, negative_key_values)
             ]
             negative_text_index = negative_image_index = positives + batch_size

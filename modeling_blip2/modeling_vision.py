@@ -275,7 +275,7 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
                 "qformer_input_ids given, but this model's Q-Former reads no text (qformer_config.use_text_input="
                 "False): only an instruction-aware (InstructBLIP) model takes an instruction for its queries"
             )
-        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[0]
+        num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[1]
         if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != num_images:
             raise ValueError(
                 f"qformer_input_ids has shape {tuple(qformer_input_ids.shape)}; expected ({num_images}, length): one "
