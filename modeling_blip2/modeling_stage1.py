@@ -344,6 +344,13 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
                 f"input_ids has batch size {input_ids.shape[0]} but there are {batch_size} images; "
                 "each text needs one image"
             )
+        vocab_size = self.config.qformer_config.vocab_size
+        if not is_traced() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+            raise ValueError(
+                f"input_ids holds token id {bad}; expected ids in [0, {vocab_size}) (the Q-Former's vocabulary: "
+                "tokenize with the model's processor)"
+            )
 
     # ---- stage-1 objectives ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
-"""Test helpers shared by the test modules: tiny tokenizers built on the fly, since tests never download."""
+"""Test helpers shared by the test modules: tiny tokenizers built on the fly (tests never download), free ports and
+the deterministic hard-negative sampler of the distributed tests."""
 
+import socket
 import string
 
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BertTokenizer
 
@@ -47,7 +50,43 @@ def make_bert_tokenizer(tmp_dir=None, extra_texts=()) -> BertTokenizer:
     return AutoTokenizer.from_pretrained(tmp_dir)
 
 
-def make_llm_tokenizer(kind: str, extra_texts=(), padding_side: str = "right"):
+def tokenizer_without_dec() -> BertTokenizer:
+    """A BERT tokenizer with no bos token, as bert-base-uncased's."""
+    vocab = {token: index for token, index in make_bert_tokenizer().get_vocab().items() if token != "[DEC]"}
+    return BertTokenizer(vocab=dict(sorted(vocab.items(), key=lambda item: item[1])))
+
+
+# The word-level LLM vocabulary: ids written by hand in the collator tests.
+LLM_TOKENS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "a",
+    "photo",
+    "of",
+    "dog",
+    "runs",
+    "cat",
+    "Question:",
+    "Answer:",
+    "what",
+    "is",
+    "this?",
+    "yes",
+    "red",
+    "describe",
+    "the",
+    "image",
+    "\n",
+]
+PAD, BOS, EOS = 0, 1, 2
+ID = {token: index for index, token in enumerate(LLM_TOKENS)}
+IMAGE = len(LLM_TOKENS)  # "<image>", added by the collator
+X = -100
+
+
+def make_llm_tokenizer(kind: str, extra_texts=(), padding_side: str = "right", vocabulary: str = "trained"):
     """
     A tiny language-model tokenizer trained on `CAPTIONS` (and `extra_texts`) in milliseconds, with the special tokens
     at the ids of the tiny stage-2 configs in tests/test_stage2.py:
@@ -57,7 +96,14 @@ def make_llm_tokenizer(kind: str, extra_texts=(), padding_side: str = "right"):
     - "t5": SentencePiece-style BPE like T5's: <pad>=0, </s>=1, <unk>=2; every text ends with </s>.
 
     `padding_side` is saved with the tokenizer (left for batched generation with a decoder-only LLM).
+
+    vocabulary="words" gives instead a word-level tokenizer over `LLM_TOKENS` (ids `ID`, written by hand in tests;
+    `extra_texts` unused), words split on spaces only: "opt" puts <s> (`BOS`) first and no EOS, "t5" appends </s>.
     """
+    if vocabulary == "words":
+        return _word_level_llm_tokenizer(encoder_decoder=kind == "t5", padding_side=padding_side)
+    if vocabulary != "trained":
+        raise ValueError(f"vocabulary is {vocabulary!r}; expected 'trained' or 'words'")
     from tokenizers import decoders, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -84,3 +130,39 @@ def make_llm_tokenizer(kind: str, extra_texts=(), padding_side: str = "right"):
     backend.train_from_iterator(texts, trainer=trainer)
     backend.post_processor = template
     return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **names)
+
+
+def _word_level_llm_tokenizer(encoder_decoder: bool, padding_side: str):
+    """Word-level: OPT-like (BOS first, no EOS) or T5-like (no BOS, EOS last); words split on spaces only."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(ID, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    if encoder_decoder:
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
+    else:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None if encoder_decoder else "<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side=padding_side,
+    )
+
+
+# ---- distributed tests ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hardest_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor, generator=None) -> torch.Tensor:
+    """ITM's hard-negative sampler made deterministic (the most similar non-positive column of each row), so that two
+    processes and one process with the doubled batch draw the same negatives and ITM can be compared exactly."""
+    return similarity.masked_fill(positive_mask, float("-inf")).argmax(dim=1)

@@ -3,10 +3,6 @@
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertModel,
-    BertTokenizer,
     Blip2VisionConfig,
     Blip2VisionModel,
     CLIPConfig,
@@ -21,38 +17,13 @@ from transformers import (
 
 from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2.builders import build_stage1_model
-from tests.helpers import make_bert_tokenizer
+from tests.helpers import make_bert_tokenizer, tokenizer_without_dec
+from tests.tiny_models import TINY_BERT_INITIALIZER_RANGE, tiny_bert
 
 
-INITIALIZER_RANGE = 0.05
 TINY_VISION = dict(
     hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
 )
-
-
-def tokenizer_without_dec() -> BertTokenizer:
-    """A BERT tokenizer with no bos token, as bert-base-uncased's."""
-    vocab = {token: index for token, index in make_bert_tokenizer().get_vocab().items() if token != "[DEC]"}
-    return BertTokenizer(vocab=dict(sorted(vocab.items(), key=lambda item: item[1])))
-
-
-def tiny_bert(vocab_size: int, with_lm_head: bool = True, seed: int = 0, max_position_embeddings: int = 24):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=INITIALIZER_RANGE,
-    )
-    model = BertForMaskedLM(config) if with_lm_head else BertModel(config, add_pooling_layer=True)
-    with torch.no_grad():  # non-trivial LayerNorms and biases, so that a copy cannot pass by chance
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
 
 
 def tiny_clip_vision(seed: int = 1) -> CLIPVisionModel:
@@ -74,7 +45,8 @@ def test_qformer_starts_as_a_copy_of_bert_with_the_query_ffn_copied_from_bert_ff
     qformer_config = model.config.qformer_config
     assert (qformer_config.hidden_size, qformer_config.num_hidden_layers) == (32, 4)
     assert qformer_config.intermediate_size == 64
-    assert (qformer_config.max_position_embeddings, qformer_config.initializer_range) == (24, INITIALIZER_RANGE)
+    assert qformer_config.max_position_embeddings == 24
+    assert qformer_config.initializer_range == TINY_BERT_INITIALIZER_RANGE
 
     embeddings = bert.bert.embeddings
     vocab_size = len(tokenizer) - 1  # the tokenizer now holds [DEC] too
@@ -115,11 +87,11 @@ def test_cross_attention_exists_every_frequency_layers_and_new_weights_are_drawn
     crossattention = qformer_layers(model)[0].crossattention
     assert crossattention.key.weight.shape == (32, 24)  # reads the vision width
     new_weights = torch.cat([crossattention.query.weight.flatten(), crossattention.key.weight.flatten()])
-    assert abs(new_weights.std().item() - INITIALIZER_RANGE) < 0.1 * INITIALIZER_RANGE
-    assert abs(new_weights.mean().item()) < 0.1 * INITIALIZER_RANGE
+    assert abs(new_weights.std().item() - TINY_BERT_INITIALIZER_RANGE) < 0.1 * TINY_BERT_INITIALIZER_RANGE
+    assert abs(new_weights.mean().item()) < 0.1 * TINY_BERT_INITIALIZER_RANGE
     assert torch.count_nonzero(crossattention.query.bias) == 0
-    assert abs(model.query_tokens.std().item() - INITIALIZER_RANGE) < 0.15 * INITIALIZER_RANGE
-    assert abs(model.query_tokens.mean().item()) < 0.1 * INITIALIZER_RANGE  # normal(0, std), centred
+    assert abs(model.query_tokens.std().item() - TINY_BERT_INITIALIZER_RANGE) < 0.15 * TINY_BERT_INITIALIZER_RANGE
+    assert abs(model.query_tokens.mean().item()) < 0.1 * TINY_BERT_INITIALIZER_RANGE  # normal(0, std), centred
     assert model.query_tokens.shape == (1, 8, 32)
 
     frequency_three = build_stage1_model(tiny_clip_vision(), tiny_bert(60), cross_attention_frequency=3)
@@ -156,7 +128,7 @@ def test_without_tokenizer_one_row_is_appended_for_dec_drawn_like_the_others():
     assert model.config.qformer_config.vocab_size == 301
     dec_row = model.qformer.word_embeddings.weight[300]
     assert not torch.equal(dec_row, torch.zeros(32))
-    assert dec_row.abs().max().item() < 6 * INITIALIZER_RANGE
+    assert dec_row.abs().max().item() < 6 * TINY_BERT_INITIALIZER_RANGE
     # No masked-LM head to copy: the ITG head keeps its fresh initialisation.
     assert torch.equal(model.itg_head.LayerNorm.weight, torch.ones(32))
     assert torch.count_nonzero(model.itg_head.decoder.bias) == 0

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 import yaml
@@ -12,44 +11,9 @@ from transformers import AutoModel
 from modeling_blip2 import Blip2BridgeImageProcessor, Blip2BridgeModel
 from modeling_blip2.cli import main
 from modeling_blip2.training.cli_train import parse_arguments
-from tests.helpers import CAPTIONS, make_bert_tokenizer
+from tests.data_files import write_coco_folder, write_shards, write_tiny_model
+from tests.helpers import make_bert_tokenizer
 from tests.tiny_models import tiny_config
-
-
-def write_tiny_model(folder) -> Blip2BridgeModel:
-    """A tiny random stage-1 model saved with its Q-Former tokenizer and image processor, as a user's checkpoint."""
-    tokenizer = make_bert_tokenizer()
-    config = tiny_config()
-    config.qformer_config.vocab_size = len(tokenizer)
-    config.qformer_config.bos_token_id = tokenizer.bos_token_id
-    config.qformer_config.sep_token_id = tokenizer.sep_token_id
-    config.qformer_config.pad_token_id = tokenizer.pad_token_id
-    config.qformer_config.max_position_embeddings = 32
-    torch.manual_seed(0)
-    model = Blip2BridgeModel(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    Blip2BridgeImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
-    return model
-
-
-def write_coco_folder(root, image_dir: str = "images", annotation_file: str = "captions.json"):
-    """Five images in `root/image_dir`, eight captions in `root/annotation_file`; the last image is a truncated JPEG
-    (one caption)."""
-    (root / image_dir).mkdir(parents=True)
-    images, annotations = [], []
-    for index in range(5):
-        pixels = np.random.default_rng(index).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        path = root / image_dir / f"{index}.jpg"
-        PIL.Image.fromarray(pixels).save(path)
-        images.append({"id": 100 + index, "file_name": path.name})
-    path.write_bytes(path.read_bytes()[:300])
-    for index, caption in enumerate(CAPTIONS):
-        annotations.append({"id": index, "image_id": 100 + index % 4 if index < 7 else 104, "caption": caption})
-    annotation_path = root / annotation_file
-    annotation_path.parent.mkdir(parents=True, exist_ok=True)
-    annotation_path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return annotation_path
 
 
 @pytest.mark.slow
@@ -177,19 +141,15 @@ def test_a_bad_flag_is_one_line_naming_it(capsys):
 
 @pytest.mark.slow
 def test_stage2_training_keeps_the_llm_frozen_and_counts_samples(tmp_path, capsys):
-    from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration
+    from modeling_blip2 import Blip2BridgeForConditionalGeneration
     from modeling_blip2.processing.processing_blip2_bridge import add_image_token
-    from tests.test_data_collators import make_llm_tokenizer
-    from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
+    from tests.helpers import make_llm_tokenizer
+    from tests.tiny_models import QFORMER_CONFIG, tiny_stage2_config
 
     model_dir, output_dir = tmp_path / "tiny-stage2", tmp_path / "trained"
-    tokenizer = make_llm_tokenizer()
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
-        qformer_config=dict(QFORMER_CONFIG, use_text_input=False),
-        text_config=TEXT_CONFIGS["opt"],
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_id=add_image_token(tokenizer),
+    tokenizer = make_llm_tokenizer("opt", vocabulary="words")
+    config = tiny_stage2_config(
+        "opt", qformer_config=dict(QFORMER_CONFIG, use_text_input=False), image_token_id=add_image_token(tokenizer)
     )
     torch.manual_seed(0)
     initial = Blip2BridgeForConditionalGeneration(config)
@@ -243,7 +203,7 @@ def test_stage2_training_from_a_stage1_model_and_a_language_model(tmp_path, caps
 
     from modeling_blip2 import Blip2BridgeForConditionalGeneration
     from tests.helpers import make_llm_tokenizer
-    from tests.test_stage2_builder import tiny_llm
+    from tests.tiny_models import tiny_llm
 
     stage1_dir, llm_dir, output_dir = tmp_path / "stage1", tmp_path / "llm", tmp_path / "trained"
     stage1 = write_tiny_model(stage1_dir)
@@ -277,7 +237,6 @@ def test_stage2_training_from_a_stage1_model_and_a_language_model(tmp_path, caps
 
 @pytest.mark.slow
 def test_stage1_training_streams_webdataset_shards(tmp_path, capsys):
-    from tests.test_data_datasets import write_shards
 
     model_dir, output_dir = tmp_path / "tiny-model", tmp_path / "trained"
     write_tiny_model(model_dir)

@@ -16,7 +16,7 @@ from modeling_blip2.convert_lavis import lavis_config_from_state_dict, lavis_sta
 from tests.helpers import CAPTIONS, make_bert_tokenizer
 from tests.lavis_instruct_reference import LavisInstructBlip, cross_entropy_mean, lavis_llama_tokens
 from tests.lavis_reference import lavis_state_dict_random
-from tests.test_convert import (
+from tests.lavis_checkpoints import (
     EVA_CONFIG,
     IMAGE,
     LAVIS_QFORMER,
@@ -331,7 +331,7 @@ def test_checkpoints_are_told_apart_by_projection_and_qformer_text_side():
     saved_whole = {**t5_instruct, "Qformer.cls.predictions.bias": torch.zeros(vocab_size)}
     assert lavis_stage2_model_of(saved_whole).name == "blip2_t5"
 
-    from tests.test_stage2 import TEXT_CONFIGS
+    from tests.tiny_models import TEXT_CONFIGS
 
     llama = AutoConfig.for_model(
         "llama", vocab_size=64, hidden_size=LLM_WIDTH, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4

@@ -6,8 +6,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from modeling_blip2 import Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from modeling_blip2.training.collators import (
@@ -17,54 +15,10 @@ from modeling_blip2.training.collators import (
     VQACollator,
 )
 from modeling_blip2.training.data import SkippedSamples
-from tests.helpers import make_bert_tokenizer
+from tests.helpers import BOS, EOS, ID, IMAGE, PAD, X, make_bert_tokenizer, make_llm_tokenizer
 
 
-LLM_TOKENS = [
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<unk>",
-    "a",
-    "photo",
-    "of",
-    "dog",
-    "runs",
-    "cat",
-    "Question:",
-    "Answer:",
-    "what",
-    "is",
-    "this?",
-    "yes",
-    "red",
-    "describe",
-    "the",
-    "image",
-    "\n",
-]
-PAD, BOS, EOS = 0, 1, 2
-ID = {token: index for index, token in enumerate(LLM_TOKENS)}
-IMAGE = len(LLM_TOKENS)  # "<image>", added by the collator
 NUM_QUERY_TOKENS = 3
-X = -100
-
-
-def make_llm_tokenizer(encoder_decoder: bool = False) -> PreTrainedTokenizerFast:
-    """Word-level: OPT-like (BOS first, no EOS) or T5-like (no BOS, EOS last); words split on spaces only."""
-    tokenizer = Tokenizer(models.WordLevel(ID, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
-    if encoder_decoder:
-        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
-    else:
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=None if encoder_decoder else "<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
 
 
 def image(seed: int = 0, size=(20, 16), mode="RGB"):
@@ -82,7 +36,9 @@ def ids(text: str) -> list[int]:
 
 
 def test_decoder_only_caption_masks_placeholders_bos_prompt_and_padding(image_processor):
-    collator = CaptionLMCollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS, prompt="a photo of")
+    collator = CaptionLMCollator(
+        image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS, prompt="a photo of"
+    )
     batch = collator([{"image": image(0), "caption": "A Dog runs."}, {"image": image(1), "caption": "CAT"}])
 
     images = [IMAGE] * NUM_QUERY_TOKENS
@@ -100,7 +56,7 @@ def test_decoder_only_caption_masks_placeholders_bos_prompt_and_padding(image_pr
 
 
 def test_decoder_only_caption_without_prompt_keeps_bos_out_of_the_targets(image_processor):
-    collator = CaptionLMCollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS)
+    collator = CaptionLMCollator(image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS)
     batch = collator([{"image": image(0), "caption": "a cat"}])
     assert batch["input_ids"].tolist() == [[IMAGE] * 3 + [BOS] + ids("a cat") + [EOS]]
     assert batch["labels"].tolist() == [[X] * 4 + ids("a cat") + [EOS]]
@@ -109,7 +65,7 @@ def test_decoder_only_caption_without_prompt_keeps_bos_out_of_the_targets(image_
 def test_end_of_text_and_truncation_keep_the_end_token(image_processor):
     # LAVIS's OPT models end captions with "\n"; max_length counts text tokens, placeholders excluded
     collator = CaptionLMCollator(
-        image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS, end_of_text="\n", max_length=4
+        image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS, end_of_text="\n", max_length=4
     )
     batch = collator([{"image": image(0), "caption": "a dog runs"}, {"image": image(1), "caption": "cat"}])
     assert batch["input_ids"].tolist() == [
@@ -119,8 +75,19 @@ def test_end_of_text_and_truncation_keep_the_end_token(image_processor):
     assert batch["labels"].tolist() == [[X] * 4 + ids("a dog \n"), [X] * 4 + ids("cat \n") + [X]]
 
 
+def test_a_decoder_only_tokenizer_that_ends_texts_with_eos_itself_gets_one_eos_not_two(image_processor):
+    # As Llama's tokenizer with add_eos_token=True: the word-level "t5" tokenizer appends </s> to every text.
+    collator = CaptionLMCollator(image_processor, make_llm_tokenizer("t5", vocabulary="words"), NUM_QUERY_TOKENS)
+    batch = collator([{"image": image(0), "caption": "a dog runs"}, {"image": image(1), "caption": "a cat"}])
+    assert batch["input_ids"].tolist() == [
+        [IMAGE] * 3 + ids("a dog runs") + [EOS],
+        [IMAGE] * 3 + ids("a cat") + [EOS, PAD],
+    ]
+    assert batch["labels"].tolist() == [[X] * 3 + ids("a dog runs") + [EOS], [X] * 3 + ids("a cat") + [EOS, X]]
+
+
 def test_vqa_labels_only_the_answer_and_picks_the_most_frequent_answer(image_processor):
-    collator = VQACollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS)
+    collator = VQACollator(image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS)
     batch = collator([{"image": image(0), "question": "What is THIS?", "answer": ["red", "yes", "yes", "red", "yes"]}])
     assert batch["input_ids"].tolist() == [[IMAGE] * 3 + [BOS] + ids("Question: what is this? Answer: yes") + [EOS]]
     assert batch["labels"].tolist() == [[X] * 9 + [ID["yes"], EOS]]
@@ -129,7 +96,7 @@ def test_vqa_labels_only_the_answer_and_picks_the_most_frequent_answer(image_pro
 def test_encoder_decoder_sends_the_prompt_to_the_encoder_and_the_caption_to_the_labels(image_processor):
     collator = CaptionLMCollator(
         image_processor,
-        make_llm_tokenizer(encoder_decoder=True),
+        make_llm_tokenizer("t5", vocabulary="words"),
         NUM_QUERY_TOKENS,
         is_encoder_decoder=True,
         prompt="a photo of",
@@ -142,13 +109,13 @@ def test_encoder_decoder_sends_the_prompt_to_the_encoder_and_the_caption_to_the_
 
 
 def test_encoder_decoder_vqa_and_instructions(image_processor):
-    tokenizer = make_llm_tokenizer(encoder_decoder=True)
+    tokenizer = make_llm_tokenizer("t5", vocabulary="words")
     vqa = VQACollator(image_processor, tokenizer, NUM_QUERY_TOKENS, is_encoder_decoder=True)
     batch = vqa([{"image": image(0), "question": "what is this?", "answer": "red"}])
     assert batch["input_ids"].tolist() == [[IMAGE] * 3 + ids("Question: what is this? Answer:") + [EOS]]
     assert batch["labels"].tolist() == [[ID["red"], EOS]]
 
-    instructions = InstructionCollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS)
+    instructions = InstructionCollator(image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS)
     batch = instructions([{"image": image(0), "prompt": "describe the image", "response": "a dog runs"}])
     assert batch["input_ids"].tolist() == [[IMAGE] * 3 + [BOS] + ids("describe the image a dog runs") + [EOS]]
     assert batch["labels"].tolist() == [[X] * 7 + ids("a dog runs") + [EOS]]
@@ -158,7 +125,7 @@ def test_prefix_lm_splits_captions_at_a_seeded_random_word(image_processor):
     def collate(seed):
         collator = CaptionLMCollator(
             image_processor,
-            make_llm_tokenizer(encoder_decoder=True),
+            make_llm_tokenizer("t5", vocabulary="words"),
             NUM_QUERY_TOKENS,
             is_encoder_decoder=True,
             split_captions=True,
@@ -249,7 +216,9 @@ def test_stage2_collator_skips_too_and_a_fully_unreadable_batch_repeats_the_last
 ):
     samples = write_broken_files(tmp_path)
     skipped = SkippedSamples()
-    collator = CaptionLMCollator(image_processor, make_llm_tokenizer(), NUM_QUERY_TOKENS, skipped=skipped)
+    collator = CaptionLMCollator(
+        image_processor, make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS, skipped=skipped
+    )
     with pytest.raises(ValueError, match="every sample of the first batch"):
         collator(samples[1:3])
     first = collator([{"image": image(0), "caption": "a dog"}, {"image": image(1), "caption": "a cat"}])
@@ -264,11 +233,11 @@ def test_stage2_collator_skips_too_and_a_fully_unreadable_batch_repeats_the_last
 
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_stage2_batches_train_the_model_on_exactly_the_labelled_tokens(text):
-    from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration
-    from tests.test_stage2 import NUM_QUERY_TOKENS as MODEL_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
+    from modeling_blip2 import Blip2BridgeForConditionalGeneration
+    from tests.tiny_models import NUM_QUERY_TOKENS as MODEL_QUERY_TOKENS, QFORMER_CONFIG, tiny_stage2_config
 
     is_encoder_decoder = text == "t5"
-    tokenizer = make_llm_tokenizer(encoder_decoder=is_encoder_decoder)
+    tokenizer = make_llm_tokenizer(text, vocabulary="words")
     collator = CaptionLMCollator(
         Blip2BridgeImageProcessor(size={"height": 28, "width": 28}),
         tokenizer,
@@ -278,13 +247,8 @@ def test_stage2_batches_train_the_model_on_exactly_the_labelled_tokens(text):
     )
     batch = collator([{"image": image(0), "caption": "a dog runs"}, {"image": image(1), "caption": "cat"}])
     torch.manual_seed(0)
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
-        qformer_config=dict(QFORMER_CONFIG, use_text_input=False),
-        text_config=TEXT_CONFIGS[text],  # vocabulary of 99 >= our 22 tokens
-        num_query_tokens=MODEL_QUERY_TOKENS,
-        image_token_id=IMAGE,
-    )
+    # The LLM's vocabulary of 99 holds our 22 word-level tokens.
+    config = tiny_stage2_config(text, qformer_config=dict(QFORMER_CONFIG, use_text_input=False), image_token_id=IMAGE)
     model = Blip2BridgeForConditionalGeneration(config).eval()
     with torch.no_grad():
         output = model(**batch)

@@ -1,11 +1,8 @@
 """Loaders for COCO-style and LAVIS-style JSON, image folders and webdataset shards; unreadable samples skipped and
 counted exactly in map-style datasets (also across DataLoader workers) and in streaming ones."""
 
-import io
 import json
-import tarfile
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -20,14 +17,8 @@ from modeling_blip2.training.datasets import (
     load_lavis_annotations,
     load_webdataset,
 )
+from tests.data_files import jpeg_bytes, write_shards
 from tests.helpers import make_bert_tokenizer
-
-
-def jpeg_bytes(seed: int, size=(20, 16)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
 def write_coco_folder(root, broken: bool = True):
@@ -131,41 +122,6 @@ def test_image_folder_with_text_files_and_with_metadata_jsonl(tmp_path):
     dataset = load_image_folder(with_metadata)
     assert dataset["image"] == [str(with_metadata / "sub" / "x.jpg"), str(with_metadata / "y.jpg")]
     assert dataset["caption"] == ["an x", "a y"]
-
-
-def write_shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for extension, content in files.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(content)
-                tar.addfile(info, io.BytesIO(content))
-
-
-def write_shards(folder):
-    """Two shards, eight samples: three unreadable images (truncated, zero bytes, not an image) and a CMYK one."""
-    cmyk = io.BytesIO()
-    PIL.Image.new("CMYK", (20, 16), (0, 50, 100, 0)).save(cmyk, format="JPEG")
-    text = lambda caption: caption.encode()  # noqa: E731
-    write_shard(
-        folder / "shard-000.tar",
-        [
-            ("s000", {"jpg": jpeg_bytes(0), "txt": text("a dog runs")}),
-            ("s001", {"jpg": jpeg_bytes(1)[:150], "txt": text("truncated")}),
-            ("s002", {"jpg": jpeg_bytes(2), "txt": text("a cat")}),
-            ("s003", {"jpg": b"", "txt": text("zero bytes")}),
-        ],
-    )
-    write_shard(
-        folder / "shard-001.tar",
-        [
-            ("s100", {"jpg": b"<html>not an image</html>", "txt": text("html")}),
-            ("s101", {"jpg": cmyk.getvalue(), "txt": text("cmyk")}),
-            ("s102", {"jpg": jpeg_bytes(3), "txt": text("a bird")}),
-            ("s103", {"jpg": jpeg_bytes(4), "txt": text("a car")}),
-        ],
-    )
-    return [str(folder / "shard-000.tar"), str(folder / "shard-001.tar")]
 
 
 def test_streaming_shards_skip_unreadable_samples_in_the_collator(tmp_path, processor, caplog):

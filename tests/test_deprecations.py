@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import pipeline
 
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
-from tests.test_trainer import stage1_trainer
+from tests.trainer_helpers import stage1_trainer
 from tests.tiny_models import tiny_batch, tiny_model, tiny_stage2
 
 DEPRECATION_WORDS = ("deprecat", "will be removed")

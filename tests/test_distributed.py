@@ -1,7 +1,5 @@
 """Two CPU processes over gloo against one process with the doubled batch: losses, ITM logits and gradients."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +7,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from modeling_blip2 import modeling_stage1
+from tests.helpers import free_port, hardest_negatives
 from tests.tiny_models import PAD_ID, SEP_ID, tiny_batch, tiny_model
 
 WORLD_SIZE = 2
@@ -22,18 +21,6 @@ ITM_GRADIENTS = ["query_tokens", "vision_layernorm.weight", "vision_layernorm.bi
                  "qformer.layer.1.attention.query.weight", "itm_head.weight"]
 # Rank 1's captions end early: it trims its padding, so the two processes hold texts of different padded lengths.
 SHORT_LENGTH = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def hardest_negatives(similarity, positive_mask, generator=None):
-    """The sampler made deterministic (the most similar non-positive), so that two processes and one process draw the
-    same ITM negatives and ITM can be compared exactly."""
-    return similarity.masked_fill(positive_mask, float("-inf")).argmax(dim=1)
 
 
 def step(model, pixel_values, input_ids, attention_mask, losses, gradients) -> dict[str, torch.Tensor]:

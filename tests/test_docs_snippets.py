@@ -42,11 +42,10 @@ from transformers import CLIPConfig, CLIPModel
 import modeling_blip2.training
 from modeling_blip2 import convert_lavis
 from modeling_blip2.cli import main
-from tests.helpers import CAPTIONS, make_llm_tokenizer
+from tests.helpers import CAPTIONS, make_llm_tokenizer, tokenizer_without_dec
 from tests.lavis_reference import lavis_state_dict_random
-from tests.test_builders import tiny_bert, tokenizer_without_dec
-from tests.test_cli_train import write_coco_folder
-from tests.test_convert import (
+from tests.data_files import write_benchmark_data, write_coco_folder
+from tests.lavis_checkpoints import (
     CLIP_CONFIG,
     EVA_CONFIG,
     LAVIS_QFORMER,
@@ -56,10 +55,10 @@ from tests.test_convert import (
     save_checkpoint,
     write_json,
 )
-from tests.test_evaluation import write_benchmark_data
-from tests.test_stage2_builder import tiny_llm
-from tests.tiny_models import tiny_model, tiny_stage2
+from tests.tiny_models import tiny_bert, tiny_llm, tiny_model, tiny_stage2
 from tests.trainer_helpers import CaptionedImages, stage1_setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
@@ -430,17 +429,6 @@ RECIPE = modeling_blip2.training.blip2_training_arguments
 def short_recipe(stage, output_dir, **overrides):
     """The paper's recipe (250k steps) cut to one step, on the CPU (the docs' bf16 needs `use_cpu` without a GPU)."""
     return RECIPE(stage, output_dir, **{**overrides, "max_steps": 1, "use_cpu": True})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a step that waits for both threads at every operation took
-    several times longer whenever another process was busy on one of the two cores (docs/quickstart.md measured the
-    same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

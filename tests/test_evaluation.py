@@ -6,16 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from modeling_blip2 import (
-    Blip2BridgeConfig,
     Blip2BridgeForConditionalGeneration,
     Blip2BridgeImageProcessor,
     Blip2BridgeModel,
@@ -30,60 +26,10 @@ from modeling_blip2.evaluation.data import load_task_data
 from modeling_blip2.processing.text_cleaning import pre_caption
 from modeling_blip2.evaluation.shards import read_jsonl
 from modeling_blip2.retrieval import UNRANKED_SCORE, compute_retrieval_scores
-from tests.helpers import CAPTIONS, make_bert_tokenizer
-from tests.tiny_models import VISION_CONFIG, tiny_config
+from tests.data_files import ANSWERS, QUESTIONS, write_benchmark_data, write_image, write_json
+from tests.helpers import CAPTIONS, make_bert_tokenizer, make_llm_tokenizer
+from tests.tiny_models import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, tiny_config, tiny_stage2_config
 
-NUM_QUERY_TOKENS = 4
-QUESTIONS = ["what color is the sofa?", "how many dogs are there?", "is it raining?", "what is on the plate?",
-             "where is the boat?"]
-ANSWERS = [["red"] * 7 + ["pink"] * 3, ["2"] * 9 + ["two"], ["yes"] * 10, ["rice"] * 6 + ["food"] * 4,
-           ["lake"] * 10]
-
-
-def write_image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (32 + seed, 40, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def write_json(path: Path, content) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content))
-
-
-def write_benchmark_data(root: Path) -> Path:
-    """VQAv2 (official JSONs), COCO Karpathy test, NoCaps val and Flickr30K test, a few images each, under `root` in
-    LAVIS's cache layout."""
-    image_ids = [42, 7, 42, 1234, 7]
-    for image_id in set(image_ids):
-        write_image(root / "coco" / "images" / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", image_id % 13)
-    write_json(root / "coco" / "annotations" / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [
-        {"image_id": image_id, "question": question, "question_id": 1000 + index}
-        for index, (image_id, question) in enumerate(zip(image_ids, QUESTIONS))
-    ]})
-    write_json(root / "coco" / "annotations" / "v2_mscoco_val2014_annotations.json", {"annotations": [
-        {"question_id": 1000 + index, "image_id": image_id,
-         "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i, answer in enumerate(answers)]}
-        for index, (image_id, answers) in enumerate(zip(image_ids, ANSWERS))
-    ]})
-    karpathy = [
-        {"image": f"val2014/COCO_val2014_{image_id:012d}.jpg", "caption": CAPTIONS[index : index + 3]}
-        for index, image_id in enumerate(sorted(set(image_ids)))
-    ]
-    write_json(root / "coco" / "annotations" / "coco_karpathy_test.json", karpathy)
-    flickr = []
-    for index in range(5):
-        write_image(root / "flickr30k" / "images" / "flickr30k-images" / f"{100 + index}.jpg", index)
-        flickr.append({"image": f"flickr30k-images/{100 + index}.jpg",
-                       # distinct captions, so that no two texts tie
-                       "caption": [f"{CAPTIONS[(index + j) % len(CAPTIONS)]} {index}." for j in range(2 + index % 2)]})
-    write_json(root / "flickr30k" / "annotations" / "flickr30k_test.json", flickr)
-    write_image(root / "nocaps" / "images" / "0013ea2087020901.jpg", 3)
-    write_json(root / "nocaps" / "annotations" / "nocaps_val_4500_captions.json", {
-        "images": [{"id": 0, "file_name": "0013ea2087020901.jpg"}],
-        "annotations": [{"image_id": 0, "id": i, "caption": caption} for i, caption in enumerate(CAPTIONS[:2])],
-    })
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -91,35 +37,17 @@ def data_dir(tmp_path_factory) -> Path:
     return write_benchmark_data(tmp_path_factory.mktemp("data"))
 
 
-def make_llm_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer in OPT's style (</s> is bos and eos), trained on the test's texts."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([*CAPTIONS, *QUESTIONS, "Question: Answer: a photo of"], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def stage2_dir(tmp_path_factory) -> Path:
     """A tiny random OPT-based stage-2 model with its stage-2 processor."""
-    tokenizer = make_llm_tokenizer()
+    tokenizer = make_llm_tokenizer("opt", extra_texts=[*QUESTIONS, "Question: Answer: a photo of"])
     processor = Blip2BridgeProcessor(Blip2BridgeImageProcessor(size={"height": 28, "width": 28}), tokenizer,
                                      num_query_tokens=NUM_QUERY_TOKENS)
-    text_config = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, dropout=0.0,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
-        qformer_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, use_text_input=False
-        ),
-        text_config=text_config,
-        num_query_tokens=NUM_QUERY_TOKENS,
+    config = tiny_stage2_config(
+        "opt",
+        qformer_config=dict(QFORMER_CONFIG, num_hidden_layers=2, use_text_input=False),
+        text_overrides=dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(0)
@@ -301,6 +229,45 @@ def test_retrieval_metrics_are_the_metric_of_the_saved_scores(retrieval_run, dat
         assert saved[name] == pytest.approx(value, abs=0), name
 
 
+def test_retrieval_saves_its_k_and_refuses_to_resume_with_another(retrieval_run, stage1_dir, data_dir, capsys):
+    # k decides which pairs ITM re-ranks: the shards of a k=3 run are no k=4 run's.
+    assert json.loads((retrieval_run / "metrics.json").read_text())["k"] == 3
+    assert json.loads((retrieval_run / "evaluation_arguments.json").read_text())["k"] == 3
+    saved = load_file(str(retrieval_run / "retrieval_scores.safetensors"))
+    assert saved["text_index"].shape == (5, 3) and saved["image_index"].shape == (12, 3)
+    arguments = ["evaluate", "--task", "flickr30k", "--model", str(stage1_dir), "--data-dir", str(data_dir),
+                 "--output", str(retrieval_run), "--batch-size", "2", "--shard-size", "2"]
+    assert main([*arguments, "--k", "4"]) == 1
+    assert "other arguments (k differ)" in capsys.readouterr().err
+
+
+def test_retrieval_texts_are_cut_to_35_tokens_as_lavis_does(stage1_dir, tmp_path, monkeypatch):
+    # A 60-word caption: every text is tokenised once, padded to the longest, so all reach the model as 35 tokens,
+    # the long one as its first 34 tokens and [SEP] (the processor alone would cut at 32, its max_txt_len).
+    long_caption = " ".join(["a dog runs on the green grass"] * 10)
+    for index in range(2):
+        write_image(tmp_path / "data" / "flickr30k" / "images" / "flickr30k-images" / f"{index}.jpg", index)
+    write_json(tmp_path / "data" / "flickr30k" / "annotations" / "flickr30k_test.json", [
+        {"image": "flickr30k-images/0.jpg", "caption": [long_caption]},
+        {"image": "flickr30k-images/1.jpg", "caption": [CAPTIONS[0]]},
+    ])
+    texts_seen = []
+    get_text_features = Blip2BridgeModel.get_text_features
+
+    def recording_get_text_features(self, input_ids, *args, **kwargs):
+        texts_seen.append(input_ids.clone())
+        return get_text_features(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Blip2BridgeModel, "get_text_features", recording_get_text_features)
+    runner.evaluate("flickr30k", stage1_dir, tmp_path / "data", tmp_path / "run", batch_size=2, shard_size=2, k=1)
+    input_ids = torch.cat(texts_seen)
+    assert input_ids.shape == (2, runner.RETRIEVAL_MAX_TEXT_LENGTH) == (2, 35)
+    tokenizer = Blip2BridgeProcessor.from_pretrained(stage1_dir).tokenizer
+    full = tokenizer(pre_caption(long_caption))["input_ids"]
+    assert len(full) > 35
+    assert input_ids[0].tolist() == [*full[:34], tokenizer.sep_token_id]
+
+
 def test_rerun_after_deleting_a_shard_recomputes_only_that_shard(stage2_dir, data_dir, tmp_path, monkeypatch):
     computed_questions = []
     generate_predictions = runner.generate_predictions
@@ -373,3 +340,18 @@ def test_layouts_are_read_as_documented(data_dir):
                                "references": CAPTIONS[:2]}]
     with pytest.raises(FileNotFoundError, match="gqa/annotations/testdev_balanced_questions.json"):
         load_task_data("gqa", data_dir)
+
+
+@pytest.mark.parametrize(("task", "max_new_tokens", "min_new_tokens"), [("coco_caption", 30, 8), ("nocaps", 80, 10)])
+def test_decoder_only_llms_other_than_opt_caption_with_the_documented_opt_settings(task, max_new_tokens, min_new_tokens):
+    # LAVIS has no BLIP-2 config for them; docs/evaluation.md promises OPT's beams, lengths and penalties.
+    from transformers import AutoConfig
+
+    llama = AutoConfig.for_model("llama", vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4)
+    opt = AutoConfig.for_model(**TEXT_CONFIGS["opt"])
+    expected = dict(prompt="a photo of", num_beams=5, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    length_penalty=1.0, repetition_penalty=1.0)
+    for text_config in (llama, opt):
+        settings = runner.generation_settings(task, text_config)
+        assert {name: getattr(settings, name) for name in expected} == expected, text_config.model_type

@@ -7,7 +7,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from modeling_blip2.evaluation.shards import map_shards
-from tests.test_distributed import free_port
+from tests.helpers import free_port
 
 WORLD_SIZE = 2
 

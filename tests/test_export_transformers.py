@@ -11,8 +11,8 @@ from modeling_blip2.builders import build_stage2_model
 from modeling_blip2.cli import main
 from modeling_blip2.export_transformers import export_to_transformers
 from tests.helpers import make_llm_tokenizer
-from tests.test_stage2 import TEXT_CONFIGS, decoder_inputs, prompts, tiny_stage2_config
-from tests.test_stage2_builder import tiny_llm
+from tests.tiny_models import TEXT_CONFIGS, decoder_inputs, prompts, tiny_stage2_config
+from tests.tiny_models import tiny_llm
 from tests.tiny_models import tiny_model
 
 

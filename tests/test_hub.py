@@ -7,21 +7,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from huggingface_hub import HfApi
-from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
 from modeling_blip2.hub import REMOTE_CODE_MODULES, flatten_relative_imports
-from tests.test_stage2 import prompts
-from tests.tiny_models import tiny_model, tiny_stage2
+from tests.tiny_models import prompts, tiny_model, tiny_stage2
 
 
 def make_images(count: int = 2, shape=(30, 26, 3)) -> list[PIL.Image.Image]:
@@ -250,39 +246,6 @@ def test_stage1_folder_loads_with_auto_model_where_blip2_bridge_is_not_installed
 
 
 # ---- push_to_hub without network -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def local_hub(tmp_path, monkeypatch):
-    """HfApi's repo creation and commits, and model-card downloads, served by local folders (one per repo)."""
-    root = tmp_path / "hub"
-    commits = []
-
-    def create_repo(self, repo_id, **kwargs):
-        (root / repo_id).mkdir(parents=True, exist_ok=True)
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
-        for operation in operations:
-            destination = root / repo_id / operation.path_in_repo
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            source = operation.path_or_fileobj
-            destination.write_bytes(Path(source).read_bytes() if isinstance(source, (str, Path)) else source)
-        commits.append((repo_id, commit_message, sorted(operation.path_in_repo for operation in operations)))
-        return SimpleNamespace(oid=str(len(commits)))
-
-    def load_card(repo_id, **kwargs):
-        from huggingface_hub import ModelCard
-
-        path = root / repo_id / "README.md"
-        if not path.exists():
-            raise EntryNotFoundError(f"{repo_id} has no README.md")
-        return ModelCard(path.read_text())
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr("huggingface_hub.ModelCard.load", load_card)
-    return SimpleNamespace(root=root, commits=commits)
 
 
 def test_push_to_hub_uploads_a_folder_that_loads_with_identical_outputs(local_hub):

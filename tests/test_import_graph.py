@@ -1,4 +1,5 @@
-"""The package's modules import one another in one direction, and a saved folder carries exactly the model's code.
+"""The package's modules import one another in one direction, and a saved folder carries exactly the model's code;
+the test modules import none of one another (what they share lives in tests/conftest.py and plain helper modules).
 
 The graph is read from the sources with `ast`, so that an import inside a function counts as much as one at the top
 of a module: a lazy import that closes a cycle is still a cycle. Every module of the installed package
@@ -193,3 +194,61 @@ def test_saved_folder_carries_exactly_the_modules_a_loaded_model_and_its_pipelin
     assert "modeling_blip2.builders" not in needed and "modeling_blip2.training.trainer" not in needed
     for module in STANDALONE_PROCESSING_MODULES:
         assert graph[module] == set(), f"{module} imports {sorted(graph[module])}, which its saved copy cannot reach"
+
+
+# ---- the test suite ------------------------------------------------------------------------------------------------
+# Test modules are leaves: importing one runs its module-level code and registers its fixtures a second time, and a
+# helper that lives in a test module is found only by reading that module's tests.
+
+TESTS = REPOSITORY / "tests"
+
+
+def is_test_module(module: str) -> bool:
+    return module.rpartition(".")[2].startswith("test_")
+
+
+def imports_of_test_modules(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, test module) for every module of `graph` that imports a test_*.py module, sorted."""
+    return sorted(
+        (module, imported) for module, targets in graph.items() for imported in targets if is_test_module(imported)
+    )
+
+
+def suite_import_graph() -> dict[str, set[str]]:
+    modules = {
+        "tests" if path.stem == "__init__" else f"tests.{path.stem}": path for path in sorted(TESTS.glob("*.py"))
+    }
+    return {
+        module: imported_modules(module, path.read_text(encoding="utf-8"), path.name == "__init__.py", set(modules))
+        for module, path in modules.items()
+    }
+
+
+
+def test_imports_of_test_modules_are_found_on_a_planted_example():
+    modules = {"tests", "tests.conftest", "tests.helpers", *(f"tests.test_{name}" for name in "abcd")}
+    test_ = "tests.test_"  # spelled apart, so that a grep for such imports in tests/ finds none in this file
+    sources = {
+        "tests.test_a": f"from tests.helpers import make\nfrom {test_}b import fixture_of_b\n",
+        "tests.test_b": f"import torch\ndef test_x():\n    import {test_}c  # lazy, still an import\n",
+        "tests.test_c": "from tests import test_d\n",
+        "tests.test_d": "from . import helpers\nfrom .test_a import CONSTANT\n",
+        "tests.helpers": f"from {test_}b import shared  # a helper module reaching into a test module\n",
+        "tests.conftest": "from tests.helpers import make\n",
+    }
+    graph = {module: imported_modules(module, source, False, modules) for module, source in sources.items()}
+    assert imports_of_test_modules(graph) == [
+        ("tests.helpers", "tests.test_b"), ("tests.test_a", "tests.test_b"), ("tests.test_b", "tests.test_c"),
+        ("tests.test_c", "tests.test_d"), ("tests.test_d", "tests.test_a"),
+    ]  # fmt: skip
+    assert imports_of_test_modules({"tests.test_a": {"tests.helpers", "tests.conftest"}, "tests.helpers": set()}) == []
+
+
+def test_no_module_of_the_suite_imports_a_test_module():
+    graph = suite_import_graph()
+    assert {"tests.test_import_graph", "tests.helpers", "tests.tiny_models", "tests.conftest"} <= set(graph)
+    assert "tests.tiny_models" in graph["tests.test_stage2"]  # the graph does see the suite's own imports
+    offending = imports_of_test_modules(graph)
+    assert offending == [], "move what these share to tests/conftest.py or a helper module: " + ", ".join(
+        f"{importer} imports {imported}" for importer, imported in offending
+    )

@@ -31,7 +31,6 @@ from modeling_blip2 import (
 from modeling_blip2.export_transformers import export_to_instructblip, export_to_transformers, our_name_for
 from modeling_blip2.transformers_formats import INSTRUCTBLIP_KEY_MAPPING
 from tests.helpers import make_bert_tokenizer, make_llm_tokenizer
-from tests.test_hub import local_hub  # noqa: F401  (a fixture: HfApi served by local folders)
 from tests.tiny_models import VISION_CONFIG
 
 NUM_QUERY_TOKENS = 4
@@ -364,7 +363,7 @@ def test_a_model_built_here_exports_as_instructblip_with_equal_logits(vision_fea
 
 
 def test_a_model_whose_qformer_reads_no_text_is_refused_by_the_instructblip_export(tmp_path):
-    from tests.test_stage2 import tiny_stage2_config
+    from tests.tiny_models import tiny_stage2_config
 
     blip2 = Blip2BridgeForConditionalGeneration(tiny_stage2_config("opt"))
     with pytest.raises(ValueError, match="use_text_input=False"):

@@ -14,7 +14,6 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, pipeline
 
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
 from modeling_blip2 import (
-    Blip2BridgeConfig,
     Blip2BridgeForConditionalGeneration,
     Blip2BridgeImageProcessor,
     Blip2BridgeProcessor,
@@ -31,11 +30,11 @@ from modeling_blip2.training.instructions import (
     render_instruction,
     sqrt_size_weights,
 )
-from tests.helpers import CAPTIONS, make_bert_tokenizer
-from tests.test_data_collators import ID, IMAGE, X
-from tests.test_data_collators import make_llm_tokenizer as make_word_tokenizer
-from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG
-from tests.trainer_helpers import caption_image, frozen_state, one_thread, tiny_training_arguments  # noqa: F401
+from tests.helpers import CAPTIONS, ID, IMAGE, X, make_bert_tokenizer, make_llm_tokenizer
+from tests.tiny_models import NUM_QUERY_TOKENS, QFORMER_CONFIG, VISION_CONFIG, tiny_stage2_config
+from tests.trainer_helpers import caption_image, frozen_state, tiny_training_arguments
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 IMAGE_SIZE = VISION_CONFIG["image_size"]
 # The answer of every VQA question about image i: the last word of its caption.
@@ -71,8 +70,9 @@ def test_templates_are_the_papers_lists_with_their_fields():
 
 def word_collator(encoder_decoder=False, **kwargs):
     processor = Blip2BridgeImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    llm_tokenizer = make_llm_tokenizer("t5" if encoder_decoder else "opt", vocabulary="words")
     return InstructionTuningCollator(
-        processor, make_word_tokenizer(encoder_decoder), NUM_QUERY_TOKENS, is_encoder_decoder=encoder_decoder,
+        processor, llm_tokenizer, NUM_QUERY_TOKENS, is_encoder_decoder=encoder_decoder,
         qformer_tokenizer=make_bert_tokenizer(extra_texts=["Question: what is this? Answer:"]), **kwargs,
     )
 
@@ -158,8 +158,8 @@ def test_free_form_instructions_reach_the_qformer_through_the_same_helper():
 
     qformer_tokenizer = make_bert_tokenizer(extra_texts=["Question: what is this? Answer:"])
     collator = InstructionCollator(
-        Blip2BridgeImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), make_word_tokenizer(),
-        NUM_QUERY_TOKENS, qformer_tokenizer=qformer_tokenizer,
+        Blip2BridgeImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        make_llm_tokenizer("opt", vocabulary="words"), NUM_QUERY_TOKENS, qformer_tokenizer=qformer_tokenizer,
     )
     batch = collator([{"image": caption_image(0), "prompt": "Question: what is this? Answer:", "response": "red"}])
     assert batch["labels"][0].tolist() == [X] * (NUM_QUERY_TOKENS + 6) + [ID["red"], ID["</s>"]]
@@ -256,16 +256,14 @@ def all_template_texts():
 
 
 def instruction_aware_model(qformer_tokenizer, llm_tokenizer, seed=0, init_std=0.5):
-    """tests/test_stage2.py's tiny stage-2 config with use_text_input=True, sized to the two tokenizers."""
+    """The tiny stage-2 config (tests/tiny_models.py) with use_text_input=True, sized to the two tokenizers."""
     image_token_id = add_image_token(llm_tokenizer)
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
+    config = tiny_stage2_config(
+        "opt",
         qformer_config=dict(QFORMER_CONFIG, vocab_size=len(qformer_tokenizer), max_position_embeddings=64,
                             use_text_input=True),
         # init_std 0.5, as tests/trainer_helpers.py's OPT: the frozen LLM's output then depends on its soft prompt
-        text_config=dict(TEXT_CONFIGS["opt"], vocab_size=len(llm_tokenizer), init_std=init_std,
-                         max_position_embeddings=160),
-        num_query_tokens=NUM_QUERY_TOKENS,
+        text_overrides=dict(vocab_size=len(llm_tokenizer), init_std=init_std, max_position_embeddings=160),
         image_token_id=image_token_id,
         initializer_range=0.2,
     )

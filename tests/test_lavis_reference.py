@@ -13,25 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2 import modeling_stage1
-from modeling_blip2.convert_lavis import convert_lavis_state_dict, lavis_config_from_state_dict
 from tests.lavis_reference import BertModel, LavisBlip2Qformer, lavis_state_dict_keys, lavis_state_dict_random
-from tests.test_convert import EVA_CONFIG, LAVIS_QFORMER, QFORMER_CONFIG, eva_tower
+from tests.oracle_pairs import PRODUCT_DEC, oracle_and_product, product_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 CFG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
            cross_attention_frequency=2, vocab_size=50, max_position_embeddings=16, vision_width=24,
            num_query_tokens=4, embed_dim=16, layer_norm_eps=1e-12, ln_vision_eps=1e-5)
 PAD, CLS, SEP, BOS = 0, 1, 2, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: intra-op threads only add OpenMP wake-up latency (seconds per forward on a busy 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(B=4, T=7, N=5, seed=0, lengths=None):
@@ -84,45 +75,6 @@ def test_oracle_self_check_state_dict_keys_and_loading():
 
 
 # ---- the product against the re-statement ---------------------------------------------------------------------------
-
-PRODUCT_DEC, PRODUCT_CLS, PRODUCT_SEP = LAVIS_QFORMER["vocab_size"] - 1, 2, 3
-
-
-def oracle_and_product(seed: int = 0, weight_scale: float = 10.0, dtype=torch.float32):
-    """The LAVIS re-statement and our `Blip2BridgeModel` holding the same random LAVIS weights (both in eval mode).
-
-    The re-statement's N(0, 0.02) weights are scaled by `weight_scale` (N(0, 0.2), as tests/tiny_models.py), so that
-    a query seeing one more text token, or one query read instead of the mean, moves the outputs far beyond the
-    tolerances. LayerNorm weights and `temp` stay as they are. Our model's tensors come through the converter,
-    whose tables test_convert.py checks against an independent statement of where each LAVIS tensor lands.
-    """
-    state_dict = lavis_state_dict_random(LAVIS_QFORMER, seed)
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and "LayerNorm" not in name and not name.startswith("ln_vision") and name != "temp":
-            state_dict[name] = tensor * weight_scale
-    state_dict.update({f"visual_encoder.{name}": weight for name, weight in eva_tower().items()})
-    config = lavis_config_from_state_dict(state_dict, vision=EVA_CONFIG, qformer_config=QFORMER_CONFIG)
-    config._attn_implementation = "eager"
-    product = Blip2BridgeModel(config)
-    product.load_state_dict(convert_lavis_state_dict(state_dict, config))
-    oracle = LavisBlip2Qformer(LAVIS_QFORMER, state_dict)
-    return oracle.to(dtype).eval(), product.to(dtype).eval()
-
-
-def product_batch(batch_size=4, text_length=7, seed=0, lengths=None, dtype=torch.float32):
-    """Image features (after ln_vision: what both models cross-attend to) and [CLS] ... [SEP] captions, padded."""
-    generator = torch.Generator().manual_seed(seed)
-    image_embeds = torch.randn(batch_size, 5, LAVIS_QFORMER["vision_width"], generator=generator, dtype=dtype)
-    input_ids = torch.randint(5, PRODUCT_DEC, (batch_size, text_length), generator=generator)
-    input_ids[:, 0] = PRODUCT_CLS
-    lengths = lengths or [text_length - (b % 3) for b in range(batch_size)]
-    attention_mask = torch.zeros(batch_size, text_length, dtype=torch.long)
-    for b, length in enumerate(lengths):
-        input_ids[b, length - 1] = PRODUCT_SEP
-        input_ids[b, length:] = PAD
-        attention_mask[b, :length] = 1
-    return image_embeds, input_ids, attention_mask
-
 
 def run_oracle(oracle, image_embeds, input_ids, attention_mask, rng_seed=0, **kwargs):
     torch.manual_seed(rng_seed)

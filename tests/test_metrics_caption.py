@@ -5,10 +5,12 @@ tests/fixtures/make_coco_caption_fixture.py. Where pycocoevalcap and Java are in
 run live on fresh inputs.
 """
 
+import importlib.util
 import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,13 @@ def test_caption_scores_by_hand():
 def test_bad_caption_inputs_are_named_in_the_error():
     with pytest.raises(ValueError, match=r"references\[1\] is empty"):
         CaptionMetrics().compute(predictions=["a", "b"], references=[["a"], []], java_metrics=False)
+    with pytest.raises(ValueError, match="CaptionMetrics got no predictions; expected one caption per image"):
+        CaptionMetrics().compute(predictions=[], references=[], java_metrics=False)
+
+
+def test_the_metric_class_documents_its_arguments_for_help():
+    # evaluate's add_start_docstrings writes the description and the arguments into the class docstring.
+    assert "COCO caption evaluation" in CaptionMetrics.__doc__ and "java_metrics (`bool`" in CaptionMetrics.__doc__
 
 
 @needs_toolkit
@@ -231,3 +240,127 @@ def test_ptb_tokenizer_equals_the_java_tokenizer_live_on_captions_with_random_em
     # Known rare gaps (about 1 caption in 600 here): a run of one repeated symbol that Java keeps as one token
     # ("‟‟"), a symbol glued to a Syriac/Arabic format mark, and sentence-final "a." before some symbols.
     assert len(mismatches) <= 5, mismatches
+
+
+# ---- METEOR and SPICE through pycocoevalcap: the plumbing, with a stand-in package ---------------------------------
+# The real scorers need pycocoevalcap's jars and Java, absent from most test machines; a stand-in package laid out as
+# pycocoevalcap is (the files the metric checks for, and a scorer class per metric that records its inputs) tests which
+# scorer runs on what, and that every missing piece is named, everywhere.
+
+METEOR_FILES = ["meteor/meteor-1.5.jar", "meteor/data/paraphrase-en.gz"]
+SPICE_FILES = [
+    "spice/spice-1.0.jar", "spice/lib/stanford-corenlp-3.6.0.jar", "spice/lib/stanford-corenlp-3.6.0-models.jar"
+]
+STAND_IN_SCORES = {"METEOR": 0.25, "SPICE": 0.125}
+# The score as the real scorers return it: METEOR a float parsed from Java's output, SPICE numpy's mean.
+STAND_IN_SCORER = """
+import numpy
+
+CALLS = []
+
+
+class {class_name}:
+    def compute_score(self, gts, res):
+        CALLS.append((gts, res))
+        return {score_type}({score!r}), [{score!r}] * len(res)
+"""
+
+
+def install_stand_in_pycocoevalcap(root: Path, monkeypatch, files=(*METEOR_FILES, *SPICE_FILES)):
+    package = root / "pycocoevalcap"
+    for subpackage, class_name in (("meteor", "Meteor"), ("spice", "Spice")):
+        (package / subpackage).mkdir(parents=True)
+        (package / subpackage / "__init__.py").write_text("")
+        (package / subpackage / f"{subpackage}.py").write_text(
+            STAND_IN_SCORER.format(class_name=class_name, score=STAND_IN_SCORES[class_name.upper()],
+                                   score_type="float" if class_name == "Meteor" else "numpy.float64")
+        )
+    (package / "__init__.py").write_text("")
+    for name in files:
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_bytes(b"")
+    without_real_toolkit(monkeypatch)
+    monkeypatch.syspath_prepend(str(root))
+
+
+def without_real_toolkit(monkeypatch):
+    """Forgets an imported pycocoevalcap (a real one, or an earlier test's stand-in) for this test only."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "pycocoevalcap"]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture
+def java_on_path(monkeypatch):
+    real_which = shutil.which
+
+    def which(name, *args, **kwargs):
+        return "/usr/bin/java" if name == "java" else real_which(name, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "which", which)
+
+
+PREDICTIONS = ["A man riding a horse.", "Two dogs play!"]
+REFERENCES = [["A man rides a horse.", "A person on a horse."], ["Two dogs are playing."]]
+
+
+def test_java_metrics_are_pycocoevalcaps_scores_of_the_tokenised_captions(tmp_path, monkeypatch, java_on_path):
+    install_stand_in_pycocoevalcap(tmp_path, monkeypatch)
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES)  # java_metrics defaults to True
+    assert result["METEOR"] == 0.25 and result["SPICE"] == 0.125
+    assert type(result["METEOR"]) is float and type(result["SPICE"]) is float  # plain floats: JSON-serialisable
+    assert result["unavailable"] == {}
+    # Each scorer ran once, on the toolkit's input: image index -> PTB-tokenised captions.
+    expected_gts = {0: ["a man rides a horse", "a person on a horse"], 1: ["two dogs are playing"]}
+    expected_res = {0: ["a man riding a horse"], 1: ["two dogs play"]}
+    for module in ("pycocoevalcap.meteor.meteor", "pycocoevalcap.spice.spice"):
+        assert sys.modules[module].CALLS == [(expected_gts, expected_res)], module
+
+
+def test_java_metrics_not_requested_are_none_and_say_so(tmp_path, monkeypatch, java_on_path):
+    install_stand_in_pycocoevalcap(tmp_path, monkeypatch)
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES, java_metrics=False)
+    assert result["METEOR"] is None and result["SPICE"] is None
+    assert result["unavailable"] == {"METEOR": "not requested (java_metrics=False)",
+                                     "SPICE": "not requested (java_metrics=False)"}
+    assert sys.modules.get("pycocoevalcap.meteor.meteor") is None  # nothing of the toolkit was even imported
+
+
+def test_without_java_the_java_metrics_are_none_and_name_java(tmp_path, monkeypatch):
+    install_stand_in_pycocoevalcap(tmp_path, monkeypatch)
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert result["METEOR"] is None and result["SPICE"] is None
+    assert result["unavailable"] == {"METEOR": "no `java` executable on PATH", "SPICE": "no `java` executable on PATH"}
+    assert result["Bleu_1"] > 0  # the pure-Python scores do not need Java
+
+
+def test_without_pycocoevalcap_the_java_metrics_name_the_package(tmp_path, monkeypatch, java_on_path):
+    without_real_toolkit(monkeypatch)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pycocoevalcap" else real_find_spec(name, *args))
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert result["METEOR"] is None and result["SPICE"] is None
+    missing = "the pycocoevalcap package is not installed"
+    assert result["unavailable"] == {"METEOR": missing, "SPICE": missing}
+
+
+def test_a_module_named_pycocoevalcap_that_is_no_package_counts_as_absent(tmp_path, monkeypatch, java_on_path):
+    without_real_toolkit(monkeypatch)
+    (tmp_path / "pycocoevalcap.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert result["unavailable"]["METEOR"] == "the pycocoevalcap package is not installed"
+
+
+def test_a_java_metric_whose_files_are_missing_names_them_and_the_other_still_runs(tmp_path, monkeypatch,
+                                                                                    java_on_path):
+    # SPICE's Stanford CoreNLP models are the piece pycocoevalcap downloads on first use: missing after a pip install.
+    install_stand_in_pycocoevalcap(tmp_path, monkeypatch, files=(*METEOR_FILES, *SPICE_FILES[:2]))
+    result = CaptionMetrics().compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert result["METEOR"] == 0.25 and result["SPICE"] is None
+    assert result["unavailable"] == {
+        "SPICE": "pycocoevalcap lacks ['spice/lib/stanford-corenlp-3.6.0-models.jar'] (it would download them; this "
+                 "metric does not)"
+    }
+    assert "pycocoevalcap.spice.spice" not in sys.modules

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from modeling_blip2.metrics import VQAAccuracy
-from modeling_blip2.metrics.vqa_accuracy import normalize_answer
+from modeling_blip2.metrics.vqa_accuracy import normalize_answer, question_accuracy
 
 
 CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't", \
@@ -293,5 +293,35 @@ def test_bad_configuration_and_inputs_are_named_in_the_error():
         VQAAccuracy(config_name="vqa2")
     with pytest.raises(ValueError, match="one reference answer per question; got 2"):
         VQAAccuracy(config_name="exact").compute(predictions=["a"], references=[["a", "b"]])
+    with pytest.raises(ValueError, match="one reference answer per question; got 0"):
+        VQAAccuracy(config_name="exact").compute(predictions=["a"], references=[[]])
     with pytest.raises(ValueError, match="no reference answers"):
         VQAAccuracy().compute(predictions=["a"], references=[[]])
+
+
+def test_an_unknown_configuration_such_as_gqa_is_refused_by_name():
+    # "gqa" is the natural wrong guess for the "exact" configuration (LAVIS's GQA task).
+    with pytest.raises(ValueError, match=r"Unknown VQA accuracy configuration 'gqa'; expected one of \('official', "):
+        VQAAccuracy(config_name="gqa")
+    with pytest.raises(ValueError, match=r"Unknown VQA accuracy configuration 'gqa'"):
+        question_accuracy("two", ["2"] * 10, config_name="gqa")
+
+
+def test_configuration_names_built_at_runtime_select_their_configuration():
+    # Names joined at runtime are equal to the literals but not the same objects: the configuration is chosen by
+    # equality, so a name read from a command line or a config file works as the literal does.
+    official, lavis, exact, default = ("".join(parts) for parts in (["offi", "cial"], ["la", "vis"], ["ex", "act"],
+                                                                     ["def", "ault"]))
+    assert official == "official" and id(official) != id("official")  # equal, yet another object
+    # "official" normalises the disagreeing answers ("two" -> "2": 10 matches), "lavis" the prediction only (2 match)
+    disagreeing = ["2"] * 2 + ["two"] * 8
+    assert question_accuracy("two", disagreeing, official) == 1.0
+    assert question_accuracy("two", disagreeing, lavis) == pytest.approx(0.6)
+    assert question_accuracy("t shirt", ["t-shirt"], exact) == 1.0
+    assert VQAAccuracy(config_name=official).compute(predictions=["two"], references=[disagreeing])["accuracy"] == 100.0
+    assert VQAAccuracy(config_name=default).compute(predictions=["two"], references=[disagreeing])["accuracy"] == 100.0
+    # One right of three: LAVIS's GQA order of operations, sum / n * 100 = 33.33333333333333, not 100 * sum / n
+    # (33.333333333333336).
+    one_of_three = VQAAccuracy(config_name=exact).compute(predictions=["t shirt", "no", "no"],
+                                                          references=[["t-shirt"], ["yes"], ["yes"]])
+    assert one_of_three["accuracy"] == 1 / 3 * 100 != 100 * 1 / 3

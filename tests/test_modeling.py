@@ -10,7 +10,7 @@ from modeling_blip2.compat import CACHE_KEYWORD
 from modeling_blip2.losses import sample_hard_negatives
 from modeling_blip2.modeling_qformer import QFormerRows
 from modeling_blip2.modeling_stage1 import Blip2BridgeCaptionDecoder
-from tests.test_lavis_reference import PRODUCT_DEC, oracle_and_product, product_batch
+from tests.oracle_pairs import PRODUCT_DEC, oracle_and_product, oracle_itm_logits, product_batch
 from tests.transformers_versions import enable_activation_checkpointing
 from tests.tiny_models import CLS_ID, DEC_ID, SEP_ID, VOCAB_SIZE, tiny_batch, tiny_model
 
@@ -44,17 +44,11 @@ def oracle_causal_logits(oracle, image_embeds, decoder_input_ids, attention_mask
     return logits
 
 
-@torch.no_grad()
-def oracle_itm_logits(oracle, input_ids, attention_mask, image_embeds):
-    """The original's ITM: one bidirectional pass over [queries; text] per pair, the 2-way head averaged over the
-    query positions (tests/lavis_reference.py)."""
-    num_pairs = input_ids.shape[0]
-    queries = oracle.query_tokens.expand(num_pairs, -1, -1)
-    full_mask = torch.cat([torch.ones(num_pairs, queries.shape[1], dtype=torch.long), attention_mask], 1)
-    hidden, _ = oracle.Qformer.bert(input_ids, query_embeds=queries, attention_mask=full_mask,
-                                    encoder_hidden_states=image_embeds,
-                                    encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long))
-    return oracle.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)
+def test_an_attention_mask_longer_than_the_text_is_refused_with_both_lengths():
+    model = tiny_model().eval()
+    _, input_ids, _ = tiny_batch(batch_size=2, text_length=5)
+    with pytest.raises(ValueError, match=r"^attention_mask covers 7 text tokens but only 5 positions exist$"):
+        model.qformer(input_ids=input_ids, attention_mask=torch.ones(2, 7, dtype=torch.long))
 
 
 # ---- the three losses against hand computations --------------------------------------------------------------------

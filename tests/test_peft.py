@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from modeling_blip2 import Blip2BridgeForConditionalGeneration
-from tests.test_stage2 import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG, prompts, tiny_stage2_config
+from tests.tiny_models import NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS, VISION_CONFIG, prompts, tiny_stage2_config
 
 
 RANK = 4

@@ -12,11 +12,10 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 import modeling_blip2.modeling_stage1 as stage1_module
-from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeTrainer
-from tests.test_distributed import free_port
-from tests.test_stage2 import IMAGE_TOKEN_ID, NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS
-from tests.test_trainer_distributed import hardest_negatives
-from tests.tiny_models import SEP_ID, VISION_CONFIG, tiny_batch, tiny_model
+from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeTrainer
+from tests.helpers import free_port, hardest_negatives
+from tests.tiny_models import IMAGE_TOKEN_ID, NUM_QUERY_TOKENS, QFORMER_CONFIG, TEXT_CONFIGS
+from tests.tiny_models import SEP_ID, tiny_batch, tiny_model, tiny_stage2_config
 from tests.trainer_helpers import CaptionedImages, stage1_setup, tiny_training_arguments
 
 NUM_SAMPLES = 8
@@ -27,14 +26,11 @@ PROMPT_LENGTHS = (3, 1, 2, 4, 1, 3, 2, 1)
 
 
 def stage2_model(kind: str) -> Blip2BridgeForConditionalGeneration:
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
+    config = tiny_stage2_config(
+        kind,
         qformer_config={
             **QFORMER_CONFIG, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "use_text_input": False,
         },  # fmt: skip
-        text_config=TEXT_CONFIGS[kind],
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_id=IMAGE_TOKEN_ID,
         initializer_range=0.2,
     )
     torch.manual_seed(0)

@@ -16,8 +16,9 @@ from modeling_blip2.training.arguments import Blip2BridgeTrainingArguments
 from modeling_blip2.training.cli_train import parse_arguments
 from modeling_blip2.training.trainer import decays, per_epoch_cosine_schedule
 from tests.helpers import CAPTIONS, make_bert_tokenizer, make_llm_tokenizer
-from tests.trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.trainer_helpers import CaptionedImages, stage1_setup, tiny_stage2_model, tiny_training_arguments
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 # ---- item 2: stage-1 text length ------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from modeling_blip2.cli import main
 from modeling_blip2.convert_lavis import convert_lavis_checkpoint, load_lavis_state_dict
 from modeling_blip2.losses import has_two_distinct_images, sample_hard_negatives
-from tests.test_convert import EVA_CONFIG, QFORMER_CONFIG, eva_tower, lavis_checkpoint, save_checkpoint, write_json
-from tests.test_distributed import free_port
+from tests.lavis_checkpoints import EVA_CONFIG, QFORMER_CONFIG, eva_tower, lavis_checkpoint, save_checkpoint, write_json
+from tests.helpers import free_port
 from tests.tiny_models import tiny_batch, tiny_model
 
 NO_NEGATIVES = "need at least 2 distinct images in the batch gathered over all processes"
@@ -162,6 +162,21 @@ def test_nan_after_the_vision_tower_is_refused_at_the_similarities():
         "temp = 0.07."
     )
     assert "Check the Q-Former, vision_proj, text_proj and temp weights" in message
+
+
+def test_one_image_overflowing_in_the_qformer_is_named_by_its_row():
+    # image_embeds finite but 1e36 times too large in row 2: only that image's features overflow, so the message names
+    # row 2 of logits_per_image and of image_feats (and every row of logits_per_text, whose column 2 it fills).
+    model = tiny_model().train()
+    pixel_values, input_ids, attention_mask = tiny_batch(batch_size=4)
+    image_embeds = model.get_image_embeds(pixel_values).detach()
+    image_embeds[2] *= 1e36
+    with pytest.raises(ValueError) as error:
+        model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    assert str(error.value).startswith(
+        "the ITC similarities hold NaN (rows [2] of logits_per_image, [0, 1, 2, 3] of logits_per_text) "
+        "although image_embeds are finite; image_feats are not finite in rows [2], text_feats in rows [], "
+    )
 
 
 # ---- the gathered batch decides, on every process alike -------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from modeling_blip2.cli import main
 from modeling_blip2.training.cli_train import checkpoint_to_resume, parse_arguments
 from modeling_blip2.training.trainer import latest_complete_checkpoint, resolve_checkpoint
-from tests.test_cli_train import write_coco_folder, write_tiny_model
+from tests.data_files import write_coco_folder, write_tiny_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_blip2.retrieval import UNRANKED_SCORE, compute_retrieval_scores, select_candidates
-from tests.test_lavis_reference import PRODUCT_DEC, oracle_and_product
-from tests.test_modeling import oracle_itm_logits
+from tests.oracle_pairs import PRODUCT_DEC, oracle_and_product, oracle_itm_logits
 from tests.tiny_models import CLS_ID, DEC_ID, PAD_ID, SEP_ID, tiny_model
 
 

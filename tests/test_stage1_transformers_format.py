@@ -12,7 +12,7 @@ from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneratio
 from modeling_blip2.export_transformers import export_stage1_to_transformers
 from modeling_blip2.transformers_formats import NOT_IN_BLIP2_RETRIEVAL
 from tests.helpers import make_bert_tokenizer
-from tests.test_stage2 import tiny_stage2_config
+from tests.tiny_models import tiny_stage2_config
 from tests.tiny_models import DEC_ID, SEP_ID, VISION_CONFIG, VOCAB_SIZE, tiny_batch, tiny_model
 
 NUM_QUERY_TOKENS = 4

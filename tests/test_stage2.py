@@ -1,5 +1,7 @@
 """Stage 2: projected queries prompt a frozen LLM; transformers' own BLIP-2 checkpoints load with identical outputs."""
 
+import logging
+
 import huggingface_hub.constants
 import PIL.Image
 import pytest
@@ -8,47 +10,24 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, Blip2Config, Blip2ForConditionalGeneration
 
 from modeling_blip2 import (
-    Blip2BridgeConfig,
     Blip2BridgeForConditionalGeneration,
     Blip2BridgeImageProcessor,
     Blip2BridgeModel,
     Blip2BridgeProcessor,
 )
-from tests.tiny_models import VISION_CONFIG, tiny_stage2
+from tests.tiny_models import (
+    IMAGE_TOKEN_ID,
+    NUM_QUERY_TOKENS,
+    QFORMER_CONFIG,
+    STAGE2_VOCAB_SIZE,
+    TEXT_CONFIGS,
+    VISION_CONFIG,
+    decoder_inputs,
+    prompts,
+    tiny_stage2,
+    tiny_stage2_config,
+)
 
-VOCAB_SIZE = 99
-IMAGE_TOKEN_ID = VOCAB_SIZE - 1
-NUM_QUERY_TOKENS = 4
-QFORMER_CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
-TEXT_CONFIGS = {
-    "opt": dict(
-        model_type="opt",
-        vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        word_embed_proj_dim=16,
-        ffn_dim=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-        dropout=0.0,
-    ),
-    "t5": dict(
-        model_type="t5",
-        vocab_size=VOCAB_SIZE,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-        dropout_rate=0.0,
-    ),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(TEXT_CONFIGS))
@@ -69,24 +48,6 @@ def model_pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"blip2_{request.param}")
     reference.save_pretrained(path)
     return request.param, reference, Blip2BridgeForConditionalGeneration.from_pretrained(path).eval()
-
-
-def prompts(batch_size: int = 2, text_length: int = 5, seed: int = 0, left_pad: bool = False):
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(batch_size, 3, 28, 28, generator=generator)
-    text = torch.randint(3, IMAGE_TOKEN_ID, (batch_size, text_length), generator=generator)
-    input_ids = torch.cat([torch.full((batch_size, NUM_QUERY_TOKENS), IMAGE_TOKEN_ID), text], dim=1)
-    attention_mask = torch.ones_like(input_ids)
-    if left_pad:  # the last prompt is two tokens shorter, padded on the left as for batched generation
-        input_ids[-1] = torch.cat([torch.tensor([1, 1]), input_ids[-1, :-2]])
-        attention_mask[-1, :2] = 0
-    return pixel_values, input_ids, attention_mask
-
-
-def decoder_inputs(name: str, batch_size: int = 2):
-    if name != "t5":
-        return {}
-    return {"labels": torch.randint(3, IMAGE_TOKEN_ID, (batch_size, 4), generator=torch.Generator().manual_seed(1))}
 
 
 def test_transformers_blip2_checkpoint_gives_identical_logits_and_loss(model_pair):
@@ -169,20 +130,9 @@ def test_decoder_only_loss_is_cross_entropy_on_the_text_positions_only(model_pai
     with torch.no_grad():
         output = ours(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     targets = labels[:, 1:].masked_fill(input_ids[:, 1:] == IMAGE_TOKEN_ID, -100)
-    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, STAGE2_VOCAB_SIZE), targets.reshape(-1), ignore_index=-100)
     assert (targets != -100).sum() == 2 * 6 - 2  # the first text token is predicted from the last image position
     assert abs(output.loss.item() - expected.item()) <= 1e-6
-
-
-def tiny_stage2_config(text: str = "opt", use_text_input: bool = False, **overrides) -> Blip2BridgeConfig:
-    return Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
-        qformer_config=dict(QFORMER_CONFIG, vocab_size=50, max_position_embeddings=16, use_text_input=use_text_input),
-        text_config=TEXT_CONFIGS[text],
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_id=IMAGE_TOKEN_ID,
-        **overrides,
-    )
 
 
 def test_only_queries_qformer_and_projection_train_while_vision_and_llm_stay_frozen(tmp_path):
@@ -299,6 +249,25 @@ def test_arguments_stage2_cannot_honour_are_refused_by_name():
         model(pixel_values=pixel_values, input_ids=input_ids, mm_encoder_outputs={"image": None, "x": 1})
     with torch.no_grad():  # their "off" values ask for nothing
         model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=False, output_attentions=False)
+
+
+def test_output_attentions_under_sdpa_warns_why_attentions_may_be_missing_and_only_then(caplog):
+    from modeling_blip2.modeling_stage2 import logger
+
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(attn_implementation="sdpa")).eval()
+    pixel_values, input_ids, _ = prompts()
+    logger.warning_once.cache_clear()  # each message may come again
+    def ours():  # transformers' sdpa integration adds a warning of its own
+        return [record.getMessage() for record in caplog.records if record.name == logger.name]
+
+    with caplog.at_level(logging.WARNING, logger=logger.name), torch.no_grad():
+        model(pixel_values=pixel_values, input_ids=input_ids)
+        assert ours() == []  # nothing asked, nothing to warn about
+        model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
+    assert ours() == [
+        "output_attentions=True, but the language model runs 'sdpa' attention, which may compute no attention weights; "
+        "load the model with attn_implementation='eager' to get them"
+    ]
 
 
 def test_pre_shifted_targets_give_the_loss_of_the_labels_they_shift():

@@ -4,27 +4,12 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM, OPTModel
+from transformers import AutoModelForImageTextToText, OPTModel
 
 from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeImageProcessor, Blip2BridgeProcessor
 from modeling_blip2.builders import build_stage2_model
 from tests.helpers import make_llm_tokenizer
-from tests.test_stage2 import TEXT_CONFIGS
-from tests.tiny_models import tiny_model
-
-
-NUM_QUERY_TOKENS = 4
-
-
-# Room for the tiny tokenizers of tests/helpers.py (300 OPT tokens, 252 T5 tokens) and their "<image>".
-LLM_VOCAB_SIZE = 320
-
-
-def tiny_llm(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE, seed: int = 1, **config_overrides):
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(**dict(TEXT_CONFIGS[name], vocab_size=vocab_size, **config_overrides))
-    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return model_class.from_config(config).eval()
+from tests.tiny_models import LLM_VOCAB_SIZE, NUM_QUERY_TOKENS, TEXT_CONFIGS, tiny_llm, tiny_model
 
 
 def stage1_and_stage2(name: str = "opt", vocab_size: int = LLM_VOCAB_SIZE):

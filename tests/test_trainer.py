@@ -13,25 +13,18 @@ from modeling_blip2 import modeling_qformer
 from modeling_blip2.training import accelerate_config_path, blip2_training_arguments, build_trainer
 from modeling_blip2.training.trainer import decays, training_stage
 from tests.transformers_versions import ACTIVATION_CHECKPOINTING_ARGUMENT
-from tests.trainer_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.trainer_helpers import (
-    CaptionedImages,
     Stage2Captions,
     frozen_state,
     stage1_setup,
+    stage1_trainer,
     stage2_collator,
     tiny_stage2_model,
     tiny_training_arguments,
     trainable_state,
 )
 
-
-def stage1_trainer(tmp_path, model=None, collator=None, dataset_size=8, **overrides):
-    if model is None:
-        model, collator = stage1_setup()
-    args = tiny_training_arguments(tmp_path, **overrides)
-    return Blip2BridgeTrainer(model=model, args=args, train_dataset=CaptionedImages(dataset_size),
-                              data_collator=collator)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 def record_training_mode(module: torch.nn.Module, modes: list):

@@ -10,8 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import modeling_blip2.modeling_stage1 as stage1_module
 from modeling_blip2 import Blip2BridgeTrainer
-from tests.helpers import CAPTIONS
-from tests.test_distributed import free_port
+from tests.helpers import CAPTIONS, free_port, hardest_negatives
 from tests.trainer_helpers import (
     CaptionedImages,
     stage1_setup,
@@ -33,12 +32,6 @@ class EqualLengthCaptions(CaptionedImages):
 
     def __getitem__(self, index):
         return super().__getitem__(EQUAL_LENGTH_CAPTIONS[index % len(EQUAL_LENGTH_CAPTIONS)])
-
-
-def hardest_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor, generator=None) -> torch.Tensor:
-    """The most similar non-positive column of each row: ITM's negatives without the random draw, so that one process
-    with the doubled batch and two processes pick the same ones."""
-    return similarity.masked_fill(positive_mask, float("-inf")).argmax(dim=1)
 
 
 def train(output_dir, batch_size: int, **overrides) -> tuple[Blip2BridgeTrainer, torch.nn.Module]:

@@ -2,13 +2,12 @@
 stage-1 processor as collator, tiny stage-1 and stage-2 models and short training arguments."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from modeling_blip2 import (
-    Blip2BridgeConfig,
+    Blip2BridgeTrainer,
     Blip2BridgeForConditionalGeneration,
     Blip2BridgeImageProcessor,
     Blip2BridgeModel,
@@ -18,18 +17,9 @@ from modeling_blip2.training import Blip2BridgeTrainingArguments
 from transformers import BertTokenizer
 
 from tests.helpers import BERT_SPECIAL_TOKENS, CAPTIONS
-from tests.tiny_models import VISION_CONFIG, tiny_config
+from tests.tiny_models import NUM_QUERY_TOKENS, TEXT_CONFIGS, VISION_CONFIG, tiny_config, tiny_stage2_config
 
 IMAGE_SIZE = VISION_CONFIG["image_size"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Autouse in the modules that import it: tiny models run faster on one thread than on two shared threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def caption_image(index: int) -> Image.Image:
@@ -95,25 +85,31 @@ def stage1_setup(seed: int = 0, **config_overrides):
     return Blip2BridgeModel(config), Stage1Collator(processor)
 
 
+def stage1_trainer(tmp_path, model=None, collator=None, dataset_size=8, **overrides):
+    """A trainer of `stage1_setup`'s model (or `model` with `collator`) on `dataset_size` captioned images."""
+    if model is None:
+        model, collator = stage1_setup()
+    args = tiny_training_arguments(tmp_path, **overrides)
+    return Blip2BridgeTrainer(model=model, args=args, train_dataset=CaptionedImages(dataset_size),
+                              data_collator=collator)
+
+
 STAGE2_VOCAB_SIZE = 64
 STAGE2_IMAGE_TOKEN_ID = STAGE2_VOCAB_SIZE - 1
-STAGE2_NUM_QUERY_TOKENS = 4
-OPT_CONFIG = dict(model_type="opt", vocab_size=STAGE2_VOCAB_SIZE, hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
-                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, bos_token_id=2,
-                  eos_token_id=2, pad_token_id=1, dropout=0.1,
-                  # Large random weights make the frozen LLM's output depend on its soft prompt (at OPT's 0.02 it
-                  # predicts a near-uniform distribution whatever the queries say).
-                  init_std=0.5)
+STAGE2_NUM_QUERY_TOKENS = NUM_QUERY_TOKENS
+# Dropout 0.1, so that eval mode of the frozen LLM matters, and large random weights, so that the frozen LLM's output
+# depends on its soft prompt (at OPT's 0.02 it predicts a near-uniform distribution whatever the queries say).
+OPT_OVERRIDES = dict(vocab_size=STAGE2_VOCAB_SIZE, dropout=0.1, init_std=0.5)
+OPT_CONFIG = dict(TEXT_CONFIGS["opt"], **OPT_OVERRIDES)
 
 
 def tiny_stage2_model(seed: int = 0) -> Blip2BridgeForConditionalGeneration:
-    """A stage-2 model over a tiny OPT (dropout 0.1, so that eval mode of the frozen LLM matters)."""
-    stage1 = tiny_config()
-    config = Blip2BridgeConfig(
-        vision_config=VISION_CONFIG,
-        qformer_config={**stage1.qformer_config.to_dict(), "use_text_input": False},
-        text_config=OPT_CONFIG,
-        num_query_tokens=STAGE2_NUM_QUERY_TOKENS,
+    """A stage-2 model over a tiny OPT (dropout 0.1, so that eval mode of the frozen LLM matters) and the stage-1 tiny
+    Q-Former (`tiny_config`'s)."""
+    config = tiny_stage2_config(
+        "opt",
+        qformer_config={**tiny_config().qformer_config.to_dict(), "use_text_input": False},
+        text_overrides=OPT_OVERRIDES,
         image_token_id=STAGE2_IMAGE_TOKEN_ID,
         initializer_range=0.2,
     )
