@@ -26,13 +26,16 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
         help="preset of corpus size and steps; the options below override it (default: %(default)s)",
     )
     for setting in fields(QuickstartSettings):
+        # A switch reads --name / --no-name; bool("False") would be True.
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(setting.default, bool) else {
+            "type": type(setting.default), "metavar": setting.name.split("_")[-1].upper()
+        }
         parser.add_argument(
             f"--{setting.name.replace('_', '-')}",
             dest=setting.name,
-            type=type(setting.default),
             default=None,
-            metavar=setting.name.split("_")[-1].upper(),
             help=f"{setting.metadata['help']} (default: {setting.default})",
+            **kind,
         )
 
 

@@ -11,7 +11,6 @@ from ..training.collators import VQA_PROMPT  # the paper's prompt for decoder-on
 from .training import train_with_progress_bar
 
 
-
 def make_language_config(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 128, num_layers: int = 2):
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -58,5 +57,5 @@ def pretrain_language_model(
     trainer = Trainer(
         model=model, args=training_arguments, train_dataset=texts, data_collator=CausalLMCollator(tokenizer)
     )
-    train_with_progress_bar(trainer)
+    train_with_progress_bar(trainer, "LLM pre-training")
     return model.eval(), trainer.state.log_history

@@ -7,7 +7,9 @@ evaluation on held-out scenes next to the untrained model -> save, reload, repor
 
 import copy
 import json
+import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,16 +52,20 @@ class QuickstartSettings:
     num_train: int = knob(3000, "training scenes")
     num_test: int = knob(200, "held-out scenes (distinct layouts, none seen in training)")
     image_size: int = knob(64, "image side in pixels")
-    vision_steps: int = knob(300, "image-encoder pre-training steps")
+    vision_steps: int = knob(600, "image-encoder pre-training steps")
     language_steps: int = knob(150, "LLM pre-training steps")
-    stage1_steps: int = knob(500, "stage-1 steps (ITC + ITM + ITG)")
-    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM, which carries LoRA adapters)")
+    stage1_steps: int = knob(1000, "stage-1 steps (ITC + ITM + ITG)")
+    stage2_steps: int = knob(1600, "stage-2 steps (the Q-Former prompts the frozen LLM, which carries LoRA adapters)")
     batch_size: int = knob(32, "batch size of every phase")
     num_query_tokens: int = knob(8, "learned queries (32 in the paper)")
     qformer_hidden_size: int = knob(128, "Q-Former width (768 in the paper)")
     qformer_layers: int = knob(2, "Q-Former layers (12 in the paper)")
+    lora_rank: int = knob(32, "rank of the LoRA adapters on the frozen LLM's projections in stage 2")
+    instruction_aware: bool = knob(False, "stage 2 also gives the prompt (the question) to the Q-Former, as BLIP-2's VQA "
+                                   "fine-tuning and InstructBLIP do")
     threads: int = knob(1, "CPU threads; at this size one thread is fastest, and any other process on the cores "
                         "slows a multi-threaded run many times over")
+    report_to: str = knob("none", "where the Trainer phases also log (e.g. tensorboard, in OUTPUT_DIR/logs/<phase>)")
 
 
 # How often stage 2 sees each caption; it sees each of the scene's five questions once.
@@ -69,19 +75,28 @@ CAPTION_REPEATS = 2
 # learn to read soft prompts it never saw in pre-training (it answers from the question's wording alone); the paper's
 # frozen LLMs are billions of parameters. The base weights stay frozen; the adapters are merged before saving.
 LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-LORA_RANK = 8
 
 # Presets of `--size`: "small" is a run of under two minutes that still learns retrieval and captioning.
 SIZE_PRESETS = {
     "default": {},
-    "small": {"num_train": 1000, "num_test": 100, "vision_steps": 200, "language_steps": 100,
-              "stage1_steps": 200, "stage2_steps": 300},
+    "small": {"num_train": 1000, "num_test": 100, "vision_steps": 400, "language_steps": 100,
+              "stage1_steps": 300, "stage2_steps": 500},
 }
+
+# Learning rates: the toy scale's, not the paper's 1e-4 over hundreds of thousands of steps.
+LLM_LEARNING_RATE = 3e-3
+STAGE1_LEARNING_RATE = 1e-3
+STAGE2_LEARNING_RATE = 2e-3
+
+# Seconds per step of each phase with one thread on a 2-core machine (measured with the defaults), for the headers.
+SECONDS_PER_STEP = {"image encoder": 0.02, "LLM": 0.04, "stage 1": 0.13, "stage 2": 0.11}
 
 
 @dataclass
 class QuickstartResults:
     metrics: dict[str, dict[str, float]]  # metric -> {"untrained": ..., "trained": ...}
+    # The VQA accuracy of each question type (count, colour, ...), as metrics; a breakdown of "VQA accuracy".
+    vqa_by_question_type: dict[str, dict[str, float]]
     timings: dict[str, dict[str, float]]  # phase -> {"wall": seconds, "cpu": seconds}
     files: dict[str, str] = field(default_factory=dict)
 
@@ -94,8 +109,8 @@ class PhaseTimer:
         self.seconds: dict[str, dict[str, float]] = {}
 
     @contextmanager
-    def phase(self, name: str):
-        print(f"\n== {name}", flush=True)
+    def phase(self, name: str, what: str = ""):
+        print(f"\n== {name}" + (f": {what}" if what else ""), flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         yield
         self.seconds[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
@@ -110,11 +125,27 @@ def run_quickstart(settings: QuickstartSettings) -> QuickstartResults:
         torch.set_num_threads(threads)
 
 
+def expected_time(phase: str, steps: int) -> str:
+    return f"{steps} steps, about {max(1, round(SECONDS_PER_STEP[phase] * steps))} s"
+
+
 def run_phases(settings: QuickstartSettings) -> QuickstartResults:
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="blip2-quickstart-") as scratch:
+        # The Trainer phases save nothing mid-run; their folder holds only the logs of `report_to`, if any.
+        log_root = Path(scratch) if settings.report_to == "none" else output_dir / "logs"
+        return run_phases_logging_to(settings, output_dir, log_root)
+
+
+def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_root: Path) -> QuickstartResults:
     set_seed(settings.seed)
-    timer, curves, metrics = PhaseTimer(), {}, {}
+    timer, curves, metrics, vqa_by_question_type = PhaseTimer(), {}, {}, {}
+
+    def arguments(phase: str, steps: int, learning_rate: float):
+        return trainer_arguments(
+            log_root / phase, steps, settings.batch_size, learning_rate, settings.seed, settings.report_to
+        )
 
     with timer.phase("scenes"):
         train_scenes, test_scenes = make_scenes(settings.num_train, settings.num_test, seed=settings.seed)
@@ -132,7 +163,8 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         llm_tokenizer = train_llm_tokenizer(texts)
         print(f"Q-Former WordPiece: {len(qformer_tokenizer)} tokens; LLM byte-level BPE: {len(llm_tokenizer)} tokens")
 
-    with timer.phase("image encoder pre-training"):
+    with timer.phase("image encoder pre-training",
+                     f"a small ViT learns to name each grid cell's object ({expected_time('image encoder', settings.vision_steps)})"):
         train_labels = torch.tensor([cell_labels(scene) for scene in train_scenes])
         test_labels = torch.tensor([cell_labels(scene) for scene in test_scenes])
         classifier, vision_losses = pretrain_vision_model(
@@ -148,12 +180,13 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         print(f"held-out grid cells named right: {vision_accuracy:.1f}%")
         vision_model = classifier.vision_model
 
-    with timer.phase("LLM pre-training"):
+    with timer.phase("LLM pre-training",
+                     f"a small LLaMA learns the texts, then stays frozen ({expected_time('LLM', settings.language_steps)})"):
         language_model, log = pretrain_language_model(
             make_language_config(llm_tokenizer),
             llm_tokenizer,
             texts,
-            trainer_arguments(output_dir / "llm", settings.language_steps, settings.batch_size, 3e-3, settings.seed),
+            arguments("llm", settings.language_steps, LLM_LEARNING_RATE),
         )
         curves["LLM"] = trainer_losses(log)
 
@@ -168,37 +201,53 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
     )
     qformer_processor = Blip2BridgeProcessor(image_processor, qformer_tokenizer)
     test_text = qformer_processor(text=[scene.caption for scene in test_scenes])
-    llm_processor = Blip2BridgeProcessor(image_processor, llm_tokenizer, num_query_tokens=settings.num_query_tokens)
+    # An instruction-aware stage 2 reads the prompt with the Q-Former's tokenizer too; the processor saved with it does.
+    stage2_qformer_tokenizer = qformer_tokenizer if settings.instruction_aware else None
+    llm_processor = Blip2BridgeProcessor(
+        image_processor, llm_tokenizer, num_query_tokens=settings.num_query_tokens,
+        qformer_tokenizer=stage2_qformer_tokenizer,
+    )
     # The baseline: the same parts before stage 1 and stage 2 (pre-trained image encoder and LLM, new Q-Former).
     torch.manual_seed(settings.seed)
-    untrained_stage2 = build_stage2_model(stage1, language_model, llm_tokenizer)
+    untrained_stage2 = build_stage2_model(
+        stage1, language_model, llm_tokenizer, instruction_aware=settings.instruction_aware
+    )
 
     with timer.phase("image features (frozen encoder, once)"):
         train_embeds = evaluation.image_embeds(stage1, train_pixels)
         test_embeds = evaluation.image_embeds(stage1, test_pixels)
 
-    with timer.phase("stage 1: ITC + ITM + ITG"):
+    with timer.phase("stage 1: ITC + ITM + ITG",
+                     f"the Q-Former learns from the frozen image encoder ({expected_time('stage 1', settings.stage1_steps)})"):
         untrained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
         stage1_data = [{"image_index": index, "caption": caption} for index, caption in enumerate(train_captions)]
         trainer = Blip2BridgeTrainer(
             model=stage1,
-            args=trainer_arguments(output_dir / "stage1", settings.stage1_steps, settings.batch_size, 1e-3, settings.seed),
+            args=arguments("stage1", settings.stage1_steps, STAGE1_LEARNING_RATE),
             train_dataset=stage1_data,
             data_collator=PrecomputedImageCollator(ImageCaptionCollator(qformer_processor), train_embeds),
         )
-        train_with_progress_bar(trainer)
+        train_with_progress_bar(trainer, "stage 1")
         curves["stage 1"] = trainer_losses(trainer.state.log_history)
         trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
         for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
             metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
 
-    with timer.phase("stage 2: Q-Former -> frozen LLM"):
+    with timer.phase("stage 2: Q-Former -> frozen LLM",
+                     f"the queries learn to prompt the LLM ({expected_time('stage 2', settings.stage2_steps)})"):
         torch.manual_seed(settings.seed)
         # A copy of the LLM: the adapters merged into it must not reach the untrained baseline's LLM.
-        stage2 = build_stage2_model(stage1, copy.deepcopy(language_model), llm_tokenizer)
-        lora_model = get_peft_model(
-            stage2, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        stage2 = build_stage2_model(
+            stage1, copy.deepcopy(language_model), llm_tokenizer, instruction_aware=settings.instruction_aware
         )
+        rank = settings.lora_rank
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps a model; the warning
+            # is addressed to peft, not to the quickstart's user.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            lora_model = get_peft_model(
+                stage2, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            )
         # get_peft_model freezes every base weight, the bridge's too.
         for part in (stage2.qformer, stage2.language_projection):
             part.requires_grad_(True)
@@ -215,13 +264,15 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
         ]
         trainer = Blip2BridgeTrainer(
             model=lora_model,
-            args=trainer_arguments(output_dir / "stage2", settings.stage2_steps, settings.batch_size, 1e-3, settings.seed),
+            args=arguments("stage2", settings.stage2_steps, STAGE2_LEARNING_RATE),
             train_dataset=stage2_data,
             data_collator=PrecomputedImageCollator(
-                InstructionCollator(image_processor, llm_tokenizer, stage2.config.num_query_tokens), train_embeds
+                InstructionCollator(image_processor, llm_tokenizer, stage2.config.num_query_tokens,
+                                    qformer_tokenizer=stage2_qformer_tokenizer),
+                train_embeds,
             ),
         )
-        train_with_progress_bar(trainer)
+        train_with_progress_bar(trainer, "stage 2")
         curves["stage 2"] = trainer_losses(trainer.state.log_history)
         stage2 = lora_model.merge_and_unload().eval()
 
@@ -239,11 +290,20 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
                 model, llm_processor, test_images, prompts, max_new_tokens=5, description=f"answers ({name})"
             )
             caption_scores = CaptionMetrics().compute(predictions=captions[name], references=references)
+            exact = [caption == scene.caption for caption, scene in zip(captions[name], test_scenes)]
+            metrics.setdefault("caption exact match", {})[name] = 100 * sum(exact) / len(exact)
             for metric in ("Bleu_4", "CIDEr"):
                 # The COCO toolkit reports fractions; the paper's tables (and ours) show them x100.
                 metrics.setdefault(f"caption {metric}", {})[name] = 100 * caption_scores[metric]
             vqa = VQAAccuracy(config_name="official").compute(predictions=predicted_answers, references=answers)
             metrics.setdefault("VQA accuracy", {})[name] = vqa["accuracy"]
+            # Per question type, as VQAv2 reports per answer type: which kinds of question the model has learned.
+            for type_index, question_type in enumerate(QUESTION_TYPES):
+                rows = range(type_index, len(questions), len(QUESTION_TYPES))
+                vqa = VQAAccuracy(config_name="official").compute(
+                    predictions=[predicted_answers[row] for row in rows], references=[answers[row] for row in rows]
+                )
+                vqa_by_question_type.setdefault(question_type, {})[name] = vqa["accuracy"]
 
     with timer.phase("save, reload, report"):
         model_dir = output_dir / "model"
@@ -273,7 +333,9 @@ def run_phases(settings: QuickstartSettings) -> QuickstartResults:
                 )
             ),
         }
-    results = QuickstartResults(metrics=metrics, timings=timer.seconds, files=files)
+    results = QuickstartResults(
+        metrics=metrics, vqa_by_question_type=vqa_by_question_type, timings=timer.seconds, files=files
+    )
     results_path = output_dir / "results.json"
     results_path.write_text(json.dumps({"settings": asdict(settings), **asdict(results)}, indent=2))
     results.files["results"] = str(results_path)

@@ -1,26 +1,45 @@
-"""Glue between the quickstart and transformers' Trainer: arguments, a quiet progress bar, the logged losses."""
+"""Glue between the quickstart and transformers' Trainer: arguments, a labelled progress bar, the logged losses."""
 
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer, TrainingArguments
 
 
-class ProgressBarWithoutLogs(ProgressCallback):
-    """Trainer's progress bar without a printed dict per logging step; the losses go to the loss-curve plot."""
+class LabelledProgressBar(ProgressCallback):
+    """Trainer's progress bar named after its phase, with the latest logged losses beside it instead of a printed dict
+    per logging step (the losses also go to the loss-curve plot)."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc=self.label, unit="step", dynamic_ncols=True)
+        self.current_step = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
+        if self.training_bar is not None and logs:
+            self.training_bar.set_postfix(
+                {name: f"{value:.3f}" for name, value in logs.items() if name.startswith("loss")}, refresh=False
+            )
 
 
-def train_with_progress_bar(trainer: Trainer) -> None:
+def train_with_progress_bar(trainer: Trainer, label: str) -> None:
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBarWithoutLogs)
+    trainer.add_callback(LabelledProgressBar(label))
     trainer.train()
 
 
-def trainer_arguments(output_dir: Path, steps: int, batch_size: int, learning_rate: float, seed: int):
-    """Short CPU runs: linear warm-up over a tenth of the steps, then cosine decay; nothing saved mid-run."""
+def trainer_arguments(
+    output_dir: Path, steps: int, batch_size: int, learning_rate: float, seed: int, report_to: str = "none"
+):
+    """Short CPU runs: linear warm-up over a tenth of the steps, then cosine decay; nothing saved mid-run.
+
+    output_dir: where the Trainer writes nothing but the logs of `report_to` (TensorBoard: output_dir/runs/...).
+    """
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -31,7 +50,7 @@ def trainer_arguments(output_dir: Path, steps: int, batch_size: int, learning_ra
         weight_decay=0.05,
         logging_steps=max(1, steps // 40),
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,
         use_cpu=True,
         seed=seed,
         remove_unused_columns=False,

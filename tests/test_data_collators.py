@@ -270,3 +270,10 @@ def test_prompt_and_target_join_with_exactly_one_space():
     assert join_prompt("a photo of ", "cat") == "a photo of cat"  # the prompt's own space is kept, none added
     assert join_prompt("Question: why?\n", "because") == "Question: why?\nbecause"
     assert join_prompt("", "cat") == "cat"
+
+
+def test_qformer_instructions_need_room_for_cls_and_sep(image_processor):
+    tokenizer = make_llm_tokenizer("opt", vocabulary="words")
+    with pytest.raises(ValueError, match="qformer_max_length is 1; expected at least 2"):
+        InstructionCollator(image_processor, tokenizer, 4, qformer_max_length=1)
+    assert InstructionCollator(image_processor, tokenizer, 4, qformer_max_length=2).qformer_max_length == 2

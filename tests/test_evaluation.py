@@ -355,3 +355,17 @@ def test_decoder_only_llms_other_than_opt_caption_with_the_documented_opt_settin
     for text_config in (llama, opt):
         settings = runner.generation_settings(task, text_config)
         assert {name: getattr(settings, name) for name in expected} == expected, text_config.model_type
+
+
+def test_a_limited_retrieval_set_keeps_each_kept_images_captions_renumbered_in_order():
+    from modeling_blip2.evaluation.data import TaskData
+
+    data = TaskData(
+        samples=[{"image": "a.png", "text_ids": [4, 0]}, {"image": "b.png", "text_ids": [1, 2, 3]}, {"image": "c.png", "text_ids": [5]}],
+        texts=["t0", "t1", "t2", "t3", "t4", "t5"],
+    )
+    limited = runner.limit_task_data(data, 2)
+    # The first image's captions become 0 and 1, the second's 2, 3 and 4; the third image and its caption are gone.
+    assert [sample["text_ids"] for sample in limited.samples] == [[0, 1], [2, 3, 4]]
+    assert limited.texts == ["t4", "t0", "t1", "t2", "t3"]
+    assert [sample["image"] for sample in limited.samples] == ["a.png", "b.png"]
