@@ -174,8 +174,10 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
 
     config: Blip2BridgeConfig
     hub_auto_classes = ("AutoModelForPreTraining",)
-    # Everything that trains stays float32 when the model loads in half precision (dtype=torch.bfloat16): the
-    # original trains these in float32; the frozen tower computes in the precision asked.
+    # Everything that trains stays float32 when the model loads in float16 (dtype=torch.float16), as the original
+    # trains these in float32 beside an fp16 tower; the frozen tower computes in the precision asked. transformers
+    # applies this list to float16 only: dtype=torch.bfloat16 loads everything in bfloat16
+    # (tests/test_mixed_precision.py measures both).
     _keep_in_fp32_modules = [
         "query_tokens", "qformer", "vision_layernorm", "vision_proj", "text_proj", "itm_head", "itg_head", "temp"
     ]
@@ -366,6 +368,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> Blip2BridgeModelOutput | tuple:
         r"""
         pixel_values: (batch, 3, height, width) images, or
@@ -380,6 +383,8 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             of the vision tower (`vision_model_output`); the text passes' are `get_text_features`' and
             `model.qformer(...)`'s to give. Default: the config's.
         labels: refused: the ITG targets are `input_ids` themselves.
+        interpolate_pos_encoding: let a tower with a fixed position table read pixel_values of another size than
+            `vision_config.image_size` (its position table interpolated, as transformers' BLIP-2 does).
 
         In eval mode the ITM hard negatives come from a generator seeded alike on every call, so that identical calls
         (and an evaluation loss) give identical results; training draws from torch's global generator, as the
@@ -400,7 +405,10 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         vision_model_output = None
         if pixel_values is not None and image_embeds is None:
             image_embeds, vision_model_output = self.run_vision_model(
-                pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+                pixel_values,
+                interpolate_pos_encoding,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
             )
         else:
             image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)  # refuses both or neither
@@ -572,14 +580,15 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Captions images with the ITG decoder, through transformers' `generate` (greedy, beams, sampling, ...).
 
         input_ids: optional prompt in Q-Former tokens starting with [DEC]; default [DEC] alone. Returns the token ids,
-        prompt included; decode them with the processor's tokenizer.
+        prompt included; decode them with the processor's tokenizer. interpolate_pos_encoding: as for `forward`.
         """
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds, interpolate_pos_encoding)
         batch_size = image_embeds.shape[0]
         qformer_config = self.config.qformer_config
         if input_ids is None:

@@ -25,8 +25,6 @@ logger = logging.get_logger(__name__)
 # Arguments of transformers' Blip2ForConditionalGeneration.forward that this model takes another way. Passed on, the
 # LLM would accept them and ignore them: they are refused, with the way this model takes them.
 TAKEN_ANOTHER_WAY = {
-    "interpolate_pos_encoding": "compute image_embeds = model.get_image_embeds(pixel_values, "
-    "interpolate_pos_encoding=True) and pass image_embeds",
     "mm_encoder_outputs": "pass image_features = model.get_image_features(pixel_values).pooler_output instead",
 }
 
@@ -289,6 +287,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         image_features: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> Blip2BridgeForConditionalGenerationOutput:
         r"""
@@ -300,6 +299,8 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         qformer_input_ids, qformer_attention_mask: (batch, length) the instruction in Q-Former tokens, read by the
             queries of an instruction-aware (InstructBLIP) model, whose Q-Former is built with `use_text_input=True`;
             transformers' InstructBLIP names. Without them such a model's queries read the image alone.
+        interpolate_pos_encoding: let a tower with a fixed position table read pixel_values of another size than
+            `vision_config.image_size` (fine-tuning at a higher resolution), as transformers' BLIP-2.
         input_ids: (batch, length) LLM token ids holding `num_query_tokens` placeholders of id `config.image_token_id`
             per row (per frame for a video: `frames * num_query_tokens`); attention_mask: 1 for real tokens.
         labels: decoder-only LLM: (batch, length) targets aligned with `input_ids` (shifted inside the loss), -100
@@ -324,6 +325,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             image_features,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=kwargs.get("output_attentions"),
             output_hidden_states=kwargs.get("output_hidden_states"),
         )
@@ -400,6 +402,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         image_features: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Answers or captions through the LLM's `generate` (greedy, beams, sampling, ...), as transformers' BLIP-2.
@@ -408,7 +411,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         followed by the LLM's BOS (decoder-only) or EOS (encoder-decoder, as T5's tokenizer ends an empty prompt),
         i.e. captioning. A decoder-only LLM returns the prompt followed by the new tokens; an encoder-decoder one the
         decoder's tokens. pixel_values, image_embeds, image_features, qformer_input_ids, qformer_attention_mask: as for
-        `forward` (images or videos; the instruction an instruction-aware Q-Former reads).
+        `forward` (images or videos; the instruction an instruction-aware Q-Former reads). interpolate_pos_encoding:
+        let a tower with a fixed position table read pixel_values of another size than `vision_config.image_size`, as
+        transformers' BLIP-2 `generate` and `forward`.
         """
         image_features, _ = self._image_outputs(
             pixel_values,
@@ -416,6 +421,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
             image_features,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         text_config = self.config.text_config
         if input_ids is None:

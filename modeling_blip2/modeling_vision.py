@@ -228,12 +228,15 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
             )
 
     def _resolve_image_embeds(
-        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
+        self,
+        pixel_values: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("pass exactly one of pixel_values and image_embeds")
         if pixel_values is not None:
-            return self.get_image_embeds(pixel_values)
+            return self.get_image_embeds(pixel_values, interpolate_pos_encoding)
         width = self.config.qformer_config.encoder_hidden_size
         if image_embeds.dim() != 3 or image_embeds.shape[-1] != width or 0 in image_embeds.shape:
             raise ValueError(

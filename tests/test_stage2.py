@@ -240,15 +240,13 @@ def test_hidden_states_and_attentions_are_the_language_models_and_return_dict_fa
     torch.testing.assert_close(image_outputs.pooler_output, plain.image_features)
 
 
-def test_arguments_stage2_cannot_honour_are_refused_by_name():
+def test_mm_encoder_outputs_which_stage2_cannot_honour_are_refused_by_name():
     model = Blip2BridgeForConditionalGeneration(tiny_stage2_config(attn_implementation="sdpa")).eval()
     pixel_values, input_ids, _ = prompts()
-    with pytest.raises(ValueError, match=r"interpolate_pos_encoding is not taken .* pass image_embeds"):
-        model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=True)
     with pytest.raises(ValueError, match=r"mm_encoder_outputs is not taken"):
         model(pixel_values=pixel_values, input_ids=input_ids, mm_encoder_outputs={"image": None, "x": 1})
     with torch.no_grad():  # their "off" values ask for nothing
-        model(pixel_values=pixel_values, input_ids=input_ids, interpolate_pos_encoding=False, output_attentions=False)
+        model(pixel_values=pixel_values, input_ids=input_ids, mm_encoder_outputs=None, output_attentions=False)
 
 
 def test_output_attentions_under_sdpa_warns_why_attentions_may_be_missing_and_only_then(caplog):
