@@ -277,3 +277,11 @@ def test_qformer_instructions_need_room_for_cls_and_sep(image_processor):
     with pytest.raises(ValueError, match="qformer_max_length is 1; expected at least 2"):
         InstructionCollator(image_processor, tokenizer, 4, qformer_max_length=1)
     assert InstructionCollator(image_processor, tokenizer, 4, qformer_max_length=2).qformer_max_length == 2
+
+
+def test_common_prefix_length_stops_at_the_first_difference():
+    from modeling_blip2.training.collators import common_prefix_length
+
+    assert common_prefix_length([1, 2, 3, 4], [1, 9, 3, 4]) == 1
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([5], [6]) == 0

@@ -437,3 +437,15 @@ def test_blip2_bridge_train_mixes_instruction_data_from_a_config_file(tmp_path, 
     # the Q-Former's tokenizer is saved beside the model, where the next run looks for it
     reloaded = AutoTokenizer.from_pretrained(output_dir / "qformer_tokenizer")
     assert reloaded.get_vocab() == qformer_tokenizer.get_vocab()
+
+
+def test_templates_for_unknown_tasks_or_empty_template_lists_are_refused():
+    with pytest.raises(ValueError, match=r"templates for \['riddles'\]"):
+        word_collator(templates={"riddles": ["{question}"]})
+    with pytest.raises(ValueError, match="templates for no template; expected non-empty lists"):
+        word_collator(templates={"vqa": []})
+
+
+def test_instruction_text_is_cut_at_lavis_max_txt_len_128_tokens_by_default():
+    # LAVIS's InstructBLIP (blip2_vicuna_instruct.py, blip2_t5_instruct.py): max_txt_len=128.
+    assert word_collator().max_length == 128

@@ -131,3 +131,22 @@ def test_bad_retrieval_inputs_are_named_in_the_error():
     for txt2img in ([0, 0, 1, 2], [0, 0, 1, -1]):
         with pytest.raises(ValueError, match=r"txt2img holds image indices outside \[0, 2\)"):
             RetrievalRecall().compute(scores_i2t=scores, scores_t2i=scores.T, img2txt=[[0, 1], [2, 3]], txt2img=txt2img)
+
+
+def test_two_evaluation_sets_in_one_compute_and_unknown_keywords_are_refused():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(2, 4))
+    inputs = dict(scores_i2t=scores, scores_t2i=scores.T, img2txt=[[0, 1], [2, 3]], txt2img=[0, 0, 1, 1])
+    metric = RetrievalRecall()
+    for _ in range(2):
+        metric.add_batch(**{name: [value] for name, value in inputs.items()})
+    with pytest.raises(ValueError, match="one evaluation set per compute call; got 2"):
+        metric.compute()
+    # A keyword the metric does not take is not silently dropped by the single-process shortcut.
+    with pytest.raises(TypeError, match="unknown_option"):
+        RetrievalRecall().compute(**inputs, unknown_option=1)
+
+
+def test_the_metric_class_documents_its_arguments_for_help():
+    # evaluate's add_start_docstrings writes the description and the arguments into the class docstring.
+    assert "Recall@K for image-to-text" in RetrievalRecall.__doc__ and "scores_i2t (`N_img x N_txt`" in RetrievalRecall.__doc__

@@ -593,3 +593,14 @@ def test_half_precision_loading_keeps_what_trains_in_float32(tmp_path):
         assert abs(getattr(half_output, name).item() - getattr(full_output, name).item()) < 0.01, name
     half_output.loss.backward()
     assert half.query_tokens.grad.dtype == torch.float32 and half.query_tokens.grad.abs().sum() > 0
+
+
+def test_the_losses_need_two_text_tokens_and_take_exactly_two():
+    """ITG predicts each token from the ones before it: [CLS] alone leaves nothing to predict."""
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = tiny_batch(text_length=2)
+    with pytest.raises(ValueError, match=r"text_length >= 2"):
+        model(pixel_values=pixel_values, input_ids=input_ids[:, :1], attention_mask=attention_mask[:, :1],
+              return_loss=True)
+    output = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=True)
+    assert torch.isfinite(output.loss) and output.loss_itg > 0
