@@ -150,3 +150,12 @@ def test_two_evaluation_sets_in_one_compute_and_unknown_keywords_are_refused():
 def test_the_metric_class_documents_its_arguments_for_help():
     # evaluate's add_start_docstrings writes the description and the arguments into the class docstring.
     assert "Recall@K for image-to-text" in RetrievalRecall.__doc__ and "scores_i2t (`N_img x N_txt`" in RetrievalRecall.__doc__
+
+
+def test_one_image_is_enough_and_text_ids_past_the_last_text_are_refused():
+    result = RetrievalRecall().compute(
+        scores_i2t=[[0.2, 0.9]], scores_t2i=[[0.5], [0.1]], img2txt=[[1]], txt2img=[0, 0]
+    )
+    assert result["txt_r1"] == 100.0 and result["img_r1"] == 100.0
+    with pytest.raises(ValueError, match=r"img2txt\[0\] = \[2\]; expected one or more text indices in \[0, 2\)"):
+        RetrievalRecall().compute(scores_i2t=[[0.2, 0.9]], scores_t2i=[[0.5], [0.1]], img2txt=[[2]], txt2img=[0, 0])

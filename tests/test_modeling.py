@@ -604,3 +604,20 @@ def test_the_losses_need_two_text_tokens_and_take_exactly_two():
               return_loss=True)
     output = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, return_loss=True)
     assert torch.isfinite(output.loss) and output.loss_itg > 0
+
+
+def test_itg_loss_leaves_out_targets_marked_minus_100():
+    from modeling_blip2.losses import image_grounded_generation_loss
+
+    logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, -100, 5, -100])
+    expected = F.cross_entropy(logits[[0, 2]], labels[[0, 2]], label_smoothing=0.1)
+    torch.testing.assert_close(image_grounded_generation_loss(logits, labels), expected)
+
+
+def test_the_qformer_is_not_treated_as_custom_code_by_transformers():
+    """Its `_init_weights` writes through `transformers.initialization`, which leaves loaded tensors alone, so
+    transformers may load it as one of its own models (a class-level question, asked before any instance exists)."""
+    from modeling_blip2.modeling_qformer import Blip2BridgeQFormerModel
+
+    assert Blip2BridgeQFormerModel.is_custom_code() is False

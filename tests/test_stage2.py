@@ -392,3 +392,12 @@ def test_missing_llm_weights_are_initialised_by_the_llms_own_scheme():
         if name.endswith("SelfAttention.q.weight"):
             assert abs(weight.std().item() - expected_std) < 0.3 * expected_std, (name, weight.std().item())
     assert abs(model.query_tokens.std().item() - config.initializer_range) < 0.5 * config.initializer_range
+
+
+def test_image_features_of_the_wrong_width_are_refused_with_the_expected_shape():
+    model = Blip2BridgeForConditionalGeneration(tiny_stage2_config()).eval()
+    _, input_ids, attention_mask = prompts()
+    width = model.config.text_config.hidden_size
+    wrong = torch.zeros(input_ids.shape[0], NUM_QUERY_TOKENS, width + 1)
+    with pytest.raises(ValueError, match=rf"image_features has shape .*; expected \(batch, {NUM_QUERY_TOKENS}, {width}\)"):
+        model(image_features=wrong, input_ids=input_ids, attention_mask=attention_mask)
