@@ -621,3 +621,11 @@ def test_the_qformer_is_not_treated_as_custom_code_by_transformers():
     from modeling_blip2.modeling_qformer import Blip2BridgeQFormerModel
 
     assert Blip2BridgeQFormerModel.is_custom_code() is False
+
+
+def test_image_ids_of_the_wrong_shape_are_refused_with_the_expected_shape():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    with pytest.raises(ValueError, match=r"image_ids has shape \(4, 1\); expected \(4,\)"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+              image_ids=torch.arange(4)[:, None], return_loss=True)
