@@ -3,22 +3,28 @@
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no screen is needed, and none is opened on a machine that has one
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from PIL import Image  # noqa: E402
+# Figures made directly (not through pyplot) render to files without a screen and leave matplotlib's global backend,
+# and the figures of a notebook that imports this module, alone.
+from matplotlib.figure import Figure
+from PIL import Image
 
 
 RIGHT_COLOUR, WRONG_COLOUR = "tab:green", "tab:red"
 
 
 def draw_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
+    """`loss_curves_figure` saved as a PNG."""
+    loss_curves_figure(curves).savefig(path, dpi=100)
+    return path
+
+
+def loss_curves_figure(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> Figure:
     """One panel per training phase, one line per logged loss (stage 1: the total and each of ITC, ITM, ITG), on a
     log scale: the losses fall over orders of magnitude and the three stage-1 losses differ by one."""
     columns = 2
     rows = math.ceil(len(curves) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
+    figure = Figure(figsize=(6 * columns, 3.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, (phase, losses) in zip(axes.flat, curves.items()):
         for name, points in losses.items():
             points = [(step, value) for step, value in points if value > 0]  # a log scale has no room for 0
@@ -34,9 +40,7 @@ def draw_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path
     for axis in axes.flat[len(curves) :]:
         axis.set_visible(False)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def draw_sample_grid(images: list[Image.Image], references: list[str], predictions: list[str], path: Path) -> Path:
@@ -44,7 +48,8 @@ def draw_sample_grid(images: list[Image.Image], references: list[str], predictio
     green and marked "right" when it equals the true one, red and marked "wrong" otherwise."""
     columns = 4
     rows = math.ceil(len(images) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 4.3 * rows), squeeze=False)
+    figure = Figure(figsize=(3.4 * columns, 4.3 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, image, reference, prediction in zip(axes.flat, images, references, predictions):
         right = prediction == reference
         axis.imshow(image)
@@ -62,7 +67,6 @@ def draw_sample_grid(images: list[Image.Image], references: list[str], predictio
         axis.set_visible(False)
     figure.subplots_adjust(hspace=0.75, wspace=0.08, left=0.02, right=0.98, top=0.98, bottom=0.1)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

@@ -81,7 +81,8 @@ def pretrain_vision_model(
     learning_rate: float = 2e-3,
     seed: int = 0,
 ) -> tuple[CellClassifier, list[float]]:
-    """Trains a fresh vision model to classify each cell; returns it with its head (eval mode) and every step's loss."""
+    """Trains a fresh vision model with both heads (`CellClassifier.loss`); returns it with its heads (eval mode) and
+    every step's loss."""
     torch.manual_seed(seed)
     model = CellClassifier(Blip2VisionModel(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)

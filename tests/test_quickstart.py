@@ -171,29 +171,20 @@ def test_sample_sheet_frames_right_captions_green_and_wrong_ones_red(tmp_path):
 
 
 def test_loss_curves_have_one_panel_per_phase_with_each_loss_named(tmp_path):
-    import matplotlib.pyplot as plt
-
-    from modeling_blip2.quickstart import report
+    from modeling_blip2.quickstart.report import draw_loss_curves, loss_curves_figure
 
     curves = {
         "LLM": {"loss": [(1, 5.0), (2, 1.0)]},
         "stage 1": {name: [(1, 3.0), (2, 0.5), (3, 0.0)] for name in ("loss", "loss_itc", "loss_itm", "loss_itg")},
     }
-    figures = []
-    original_close = plt.close
-    try:
-        plt.close = figures.append  # keep the figure to inspect it
-        report.draw_loss_curves(curves, tmp_path / "curves.png")
-    finally:
-        plt.close = original_close
-    axes = [axis for axis in figures[0].axes if axis.get_visible()]
+    axes = [axis for axis in loss_curves_figure(curves).axes if axis.get_visible()]
     assert [axis.get_title() for axis in axes] == ["LLM", "stage 1"]
     assert [line.get_label() for line in axes[1].get_lines()] == ["loss", "loss_itc", "loss_itm", "loss_itg"]
     assert all(axis.get_yscale() == "log" and axis.get_xlabel() == "step" for axis in axes)
     # The zero loss cannot sit on a log scale and is left out, not drawn at the bottom.
     assert list(axes[1].get_lines()[0].get_xdata()) == [1, 2]
-    assert (tmp_path / "curves.png").is_file()
-    original_close(figures[0])
+    with Image.open(draw_loss_curves(curves, tmp_path / "curves.png")) as image:
+        assert image.size == (1200, 360)  # two panels of 6 x 3.6 inches at 100 dpi
 
 
 def test_quickstart_switches_read_as_switches():
