@@ -446,6 +446,6 @@ def test_templates_for_unknown_tasks_or_empty_template_lists_are_refused():
         word_collator(templates={"vqa": []})
 
 
-def test_instruction_text_is_cut_at_lavis_max_txt_len_128_tokens_by_default():
+def test_instruction_text_limit_defaults_to_lavis_max_txt_len_128_tokens():
     # LAVIS's InstructBLIP (blip2_vicuna_instruct.py, blip2_t5_instruct.py): max_txt_len=128.
     assert word_collator().max_length == 128
