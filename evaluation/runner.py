@@ -19,7 +19,7 @@ from ..losses import max_over_queries_similarity
 from ..processing.text_cleaning import pre_caption, pre_question
 from ..processing.end_of_text import default_end_of_text, end_of_text_ids
 from .data import TaskData, load_task_data
-from .shards import JSONL, TENSORS, map_shards, write_jsonl
+from .shards import JSONL, TENSORS, check_resumable, map_shards, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -245,24 +245,6 @@ def model_files(model_dir) -> list[list] | None:
         for path in sorted(folder.iterdir())
         if path.is_file() and path.suffix in (".safetensors", ".bin", ".json")
     ]
-
-
-def check_resumable(output_dir: Path, run_arguments: dict, accelerator: Accelerator) -> None:
-    """Shards left by an earlier run are reused only when that run had the same arguments."""
-    path = output_dir / "evaluation_arguments.json"
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        if earlier != run_arguments:
-            changed = sorted(name for name in run_arguments if earlier.get(name) != run_arguments[name])
-            raise ValueError(
-                f"{output_dir} holds an evaluation with other arguments ({', '.join(changed)} differ); its shards "
-                "cannot be reused: choose another --output or delete it"
-            )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run_arguments, indent=2) + "\n")
-    accelerator.wait_for_everyone()
 
 
 def load_model_and_processor(task: str, model_dir, dtype: str, device):

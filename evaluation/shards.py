@@ -72,3 +72,27 @@ def map_shards(
     if accelerator.num_processes > 1:
         finished = gather_object(finished)
     return [result for _, result in sorted(finished, key=lambda pair: pair[0])]
+
+
+def check_resumable(
+    output_dir: Path,
+    run_arguments: dict,
+    accelerator: Accelerator,
+    arguments_file: str = "evaluation_arguments.json",
+    run_name: str = "an evaluation",
+) -> None:
+    """Shards left by an earlier run are reused only when that run had the same arguments (kept in `arguments_file`)."""
+    path = Path(output_dir) / arguments_file
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier != run_arguments:
+            changed = sorted(name for name in run_arguments if earlier.get(name) != run_arguments[name])
+            raise ValueError(
+                f"{output_dir} holds {run_name} with other arguments ({', '.join(changed)} differ); its shards "
+                "cannot be reused: choose another --output or delete it"
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run_arguments, indent=2) + "\n")
+    accelerator.wait_for_everyone()

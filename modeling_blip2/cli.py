@@ -7,6 +7,7 @@ from pathlib import Path
 from .convert_lavis import VISION_PRESETS, load_lavis_checkpoint
 from .evaluation.command import add_evaluate_command
 from .quickstart.command import add_quickstart_command
+from .training.cli_capfilt import add_capfilt_command
 from .training.cli_train import add_train_command
 
 
@@ -153,7 +154,9 @@ def count(number: int) -> str:
     return str(number)
 
 
-SUBCOMMANDS = (add_quickstart_command, add_convert_command, add_train_command, add_evaluate_command)
+SUBCOMMANDS = (
+    add_quickstart_command, add_convert_command, add_train_command, add_evaluate_command, add_capfilt_command
+)
 
 
 if __name__ == "__main__":
