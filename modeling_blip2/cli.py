@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from .convert_lavis import VISION_PRESETS, load_lavis_checkpoint
+from .hub import load_blip2_bridge_folder
 from .evaluation.command import add_evaluate_command
 from .quickstart.command import add_quickstart_command
 from .training.cli_capfilt import add_capfilt_command
@@ -128,23 +129,6 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"  {count(total)} parameters, {count(trainable)} trainable; {size_on_disk / 1e6:,.1f} MB of safetensors")
     print(f"  written to {output}")
     return 0
-
-
-def load_blip2_bridge_folder(path: str):
-    """A saved blip2-bridge model (either stage) and the tokenizer saved beside it, if any."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForPreTraining, AutoTokenizer
-
-    from . import Blip2BridgeConfig  # registers the Auto classes
-    from .hub import explain_missing_folder
-
-    with explain_missing_folder(path):
-        config = AutoConfig.from_pretrained(path)
-    if not isinstance(config, Blip2BridgeConfig):
-        raise ValueError(f"{path} holds a {config.model_type!r} model; expected a blip2-bridge ('blip2_bridge') folder")
-    auto_class = AutoModelForPreTraining if config.text_config is None else AutoModelForImageTextToText
-    model = auto_class.from_pretrained(path)
-    has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
 
 
 def count(number: int) -> str:

@@ -262,3 +262,19 @@ class Blip2BridgeHubMixin:
             folder, repo_id, files_timestamps=files_timestamps or {}, token=token, **commit_kwargs
         )
 
+
+def load_blip2_bridge_folder(path: str):
+    """A saved blip2-bridge model (either stage) and the tokenizer saved beside it, if any."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForPreTraining, AutoTokenizer
+
+    # The package's __init__, which registers the Auto classes, has run: this module is part of it.
+    from .configuration import Blip2BridgeConfig
+
+    with explain_missing_folder(path):
+        config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, Blip2BridgeConfig):
+        raise ValueError(f"{path} holds a {config.model_type!r} model; expected a blip2-bridge ('blip2_bridge') folder")
+    auto_class = AutoModelForPreTraining if config.text_config is None else AutoModelForImageTextToText
+    model = auto_class.from_pretrained(path)
+    has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None

@@ -90,6 +90,13 @@ def format_results_table(results) -> str:
     lines = ["", f"{'held-out metric':<{name_width}}{'untrained':>10}{'trained':>10}"]
     for name, values in rows:
         lines.append(f"{name:<{name_width}}{values['untrained']:>10.1f}{values['trained']:>10.1f}")
+    if results.capfilt:
+        capfilt = results.capfilt
+        lines += ["", f"CapFilt: wrong captions {capfilt['wrong_before']:.1f}% before, {capfilt['wrong_after']:.1f}% "
+                  f"after; right captions kept {capfilt['right_kept']:.1f}%",
+                  f"{'stage-1 model trained on':<{name_width}}{'noisy':>10}{'filtered':>10}"]
+        for name in capfilt["noisy"]:
+            lines.append(f"{name:<{name_width}}{capfilt['noisy'][name]:>10.1f}{capfilt['filtered'][name]:>10.1f}")
     lines += ["", f"{'time per phase':<38}{'wall s':>8}{'CPU s':>8}"]
     for phase, seconds in results.timings.items():
         lines.append(f"  {phase:<36}{seconds['wall']:>8.1f}{seconds['cpu']:>8.1f}")

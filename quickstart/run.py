@@ -31,6 +31,7 @@ from ..training import Blip2BridgeTrainer
 from ..metrics import CaptionMetrics, VQAAccuracy
 from ..training.collators import ImageCaptionCollator, InstructionCollator
 from . import evaluation
+from .capfilt import CAPTIONER as CAPFILT_CAPTIONER, add_caption_noise, clean_corpus, qformer_captions
 from .language import VQA_PROMPT, language_texts, make_language_config, pretrain_language_model
 from .report import draw_loss_curves, draw_sample_grid, format_results_table
 from .scenes import QUESTION_TYPES, make_scenes
@@ -66,6 +67,11 @@ class QuickstartSettings:
     threads: int = knob(1, "CPU threads; at this size one thread is fastest, and any other process on the cores "
                         "slows a multi-threaded run many times over")
     report_to: str = knob("none", "where the Trainer phases also log (e.g. tensorboard, in OUTPUT_DIR/logs/<phase>)")
+    caption_noise: float = knob(0.0, "fraction of training captions replaced by another scene's caption, as wrong web "
+                                "alt-texts")
+    capfilt: bool = knob(False, "clean the training captions with CapFilt (the stage-1 model captions and filters "
+                         "them), train stage 1 again on the result and compare it with the noisy model; writes "
+                         "OUTPUT_DIR/capfilt/ and results.json's \"capfilt\"")
 
 
 # How often stage 2 sees each caption; it sees each of the scene's five questions once.
@@ -99,6 +105,9 @@ class QuickstartResults:
     vqa_by_question_type: dict[str, dict[str, float]]
     timings: dict[str, dict[str, float]]  # phase -> {"wall": seconds, "cpu": seconds}
     files: dict[str, str] = field(default_factory=dict)
+    # With --capfilt: wrong_before, wrong_after, right_kept (percent) and the stage-1 model trained on the noisy and on
+    # the filtered captions, measured on the held-out scenes.
+    capfilt: dict | None = None
 
 
 class PhaseTimer:
@@ -154,8 +163,11 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
         train_pixels = image_processor(train_images)["pixel_values"]
         test_images = [scene.draw(settings.image_size) for scene in test_scenes]
         test_pixels = image_processor(test_images)["pixel_values"]
-        train_captions = [scene.caption for scene in train_scenes]
+        true_captions = [scene.caption for scene in train_scenes]
+        train_captions, _ = add_caption_noise(true_captions, settings.caption_noise, settings.seed)
         print(f"{len(train_scenes)} training and {len(test_scenes)} held-out scenes of {settings.image_size}px")
+        if settings.caption_noise:
+            print(f"{100 * settings.caption_noise:g}% of the training captions replaced by another scene's caption")
 
     with timer.phase("tokenizers"):
         texts = language_texts(train_captions, [pair for scene in train_scenes for pair in scene.questions])
@@ -221,17 +233,44 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
                      f"the Q-Former learns from the frozen image encoder ({expected_time('stage 1', settings.stage1_steps)})"):
         untrained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
         stage1_data = [{"image_index": index, "caption": caption} for index, caption in enumerate(train_captions)]
-        trainer = Blip2BridgeTrainer(
-            model=stage1,
-            args=arguments("stage1", settings.stage1_steps, STAGE1_LEARNING_RATE),
-            train_dataset=stage1_data,
-            data_collator=PrecomputedImageCollator(ImageCaptionCollator(qformer_processor), train_embeds),
-        )
-        train_with_progress_bar(trainer, "stage 1")
-        curves["stage 1"] = trainer_losses(trainer.state.log_history)
+        initial_stage1 = copy.deepcopy(stage1.state_dict()) if settings.capfilt else None
+
+        def train_stage1(data: list[dict], phase: str, label: str):
+            trainer = Blip2BridgeTrainer(
+                model=stage1,
+                args=arguments(phase, settings.stage1_steps, STAGE1_LEARNING_RATE),
+                train_dataset=data,
+                data_collator=PrecomputedImageCollator(ImageCaptionCollator(qformer_processor), train_embeds),
+            )
+            train_with_progress_bar(trainer, label)
+            curves[label] = trainer_losses(trainer.state.log_history)
+
+        train_stage1(stage1_data, "stage1", "stage 1")
         trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
-        for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
-            metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
+
+    capfilt_results = None
+    if settings.capfilt:
+        with timer.phase("CapFilt: the stage-1 model captions and filters its own training captions",
+                         f"{CAPFILT_CAPTIONER.num_captions} sampled captions per image, kept if ITM calls them a "
+                         "match"):
+            noisy_quality = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
+            stage1_data, capfilt_results = clean_corpus(
+                stage1, qformer_processor, train_images, train_captions, true_captions, output_dir / "capfilt",
+                settings.seed,
+            )
+            print(
+                f"wrong captions: {capfilt_results['wrong_before']:.1f}% before, {capfilt_results['wrong_after']:.1f}% "
+                f"after; right captions kept: {capfilt_results['right_kept']:.1f}%"
+            )
+        with timer.phase("stage 1 on the filtered captions",
+                         f"the same model, from the same start ({expected_time('stage 1', settings.stage1_steps)})"):
+            stage1.load_state_dict(initial_stage1)
+            train_stage1(stage1_data, "stage1_filtered", "stage 1 (filtered captions)")
+            trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
+            capfilt_results["noisy"] = noisy_quality
+            capfilt_results["filtered"] = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
+    for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
 
     with timer.phase("stage 2: Q-Former -> frozen LLM",
                      f"the queries learn to prompt the LLM ({expected_time('stage 2', settings.stage2_steps)})"):
@@ -256,7 +295,7 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
         # caption appears twice: with one caption per five answers, stage 2 could leave the LLM's prior in place, which
         # starts most texts with "Question:" when given no prompt.
         stage2_data = CAPTION_REPEATS * [
-            {"image_index": index, "prompt": "", "response": scene.caption} for index, scene in enumerate(train_scenes)
+            {"image_index": row["image_index"], "prompt": "", "response": row["caption"]} for row in stage1_data
         ] + [
             {"image_index": index, "prompt": VQA_PROMPT.format(question), "response": answer}
             for index, scene in enumerate(train_scenes)
@@ -334,13 +373,30 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
             ),
         }
     results = QuickstartResults(
-        metrics=metrics, vqa_by_question_type=vqa_by_question_type, timings=timer.seconds, files=files
+        metrics=metrics, vqa_by_question_type=vqa_by_question_type, timings=timer.seconds, files=files,
+        capfilt=capfilt_results,
     )
     results_path = output_dir / "results.json"
     results_path.write_text(json.dumps({"settings": asdict(settings), **asdict(results)}, indent=2))
     results.files["results"] = str(results_path)
     print(format_results_table(results))
     return results
+
+
+def stage1_quality(stage1, test_embeds, test_text, tokenizer, test_scenes) -> dict[str, float]:
+    """What CapFilt's comparison reads of a stage-1 model on the held-out scenes: retrieval recall at 1 and its own
+    decoder's captions (greedy; percent equal to the true caption, and CIDEr x100)."""
+    retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
+    captions = qformer_captions(stage1, tokenizer, test_embeds)
+    true_captions = [scene.caption for scene in test_scenes]
+    cider = CaptionMetrics().compute(predictions=captions, references=[[caption] for caption in true_captions])
+    exact = sum(caption == true for caption, true in zip(captions, true_captions))
+    return {
+        "retrieval txt_r1": retrieval["txt_r1"],
+        "retrieval img_r1": retrieval["img_r1"],
+        "caption exact match": 100 * exact / len(true_captions),
+        "caption CIDEr": 100 * cider["CIDEr"],
+    }
 
 
 def qformer_bert_config(settings: QuickstartSettings, tokenizer) -> BertConfig:

@@ -20,6 +20,7 @@ features are computed once, for the captioner and the filter both (when they sha
   skipped by reason) and images/s of captioning and filtering.
 """
 
+import copy
 import io
 import json
 import logging
@@ -181,7 +182,10 @@ class Captioner:
             if defaults.end_of_text is not None:
                 eos = end_of_text_ids(self.tokenizer, defaults.end_of_text)[0]
             if not model.config.text_config.is_encoder_decoder:
-                self.tokenizer.padding_side = "left"  # every row's new tokens follow its prompt
+                # Every row's new tokens follow its prompt; a copy, so that the caller's processor stays as it was.
+                self.processor = copy.deepcopy(processor)
+                self.tokenizer = self.processor.tokenizer
+                self.tokenizer.padding_side = "left"
         max_new = max_new if settings.max_new_tokens is None else settings.max_new_tokens
         min_new = min_new if settings.min_new_tokens is None else settings.min_new_tokens
         self.settings = replace(settings, prompt=self.prompt, max_new_tokens=max_new, min_new_tokens=min(min_new, max_new))
@@ -287,7 +291,8 @@ class CaptionFilter:
 
 @dataclass
 class CapFiltModels:
-    """The filter (a stage-1 model and its processor) and the captioner (default: the filter's own Q-Former decoder)."""
+    """The filter (a stage-1 model and its processor) and the captioner (default: the filter's own Q-Former decoder).
+    `build` puts both models in eval mode."""
 
     filter: CaptionFilter
     captioner: Captioner
@@ -296,10 +301,13 @@ class CapFiltModels:
     @classmethod
     def build(cls, filter_model, filter_processor, captioner_model=None, captioner_processor=None,
               captioner_settings: CaptionerSettings = CaptionerSettings(), keep_rule: KeepRule = KeepRule()):
+        # Scores and samples must not change with dropout.
+        filter_model.eval()
         if captioner_model is None:
             captioner_model, captioner_processor = filter_model, filter_processor
         elif captioner_processor is None:
             raise ValueError("captioner_model given without captioner_processor; pass the processor saved with it")
+        captioner_model.eval()
         return cls(
             filter=CaptionFilter(filter_model, filter_processor, keep_rule),
             captioner=Captioner(captioner_model, captioner_processor, captioner_settings),
@@ -396,7 +404,12 @@ def images_of(dataset, image_column: str = "image", caption_column: str = "capti
 def run_arguments(models: CapFiltModels, captioner_settings, keep_rule, source, batch_size, shard_size, seed) -> dict:
     def describe(model):
         path = getattr(model, "name_or_path", "") or ""
-        return {"class": type(model).__name__, "name_or_path": path, "files": model_files(path) if path else None}
+        description = {"class": type(model).__name__, "name_or_path": path, "files": model_files(path) if path else None}
+        if description["files"] is None:
+            # A model in memory or from the Hub: a checksum of its weights tells an earlier run's model from this one.
+            with torch.no_grad():
+                description["weights_checksum"] = sum(float(p.double().sum()) for p in model.parameters())
+        return description
 
     return dict(
         source=source,

@@ -65,7 +65,7 @@ def load_model(folder: str, dtype: str, device):
     import torch
     from transformers import AutoProcessor
 
-    from ..cli import load_blip2_bridge_folder
+    from ..hub import load_blip2_bridge_folder
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
