@@ -48,6 +48,80 @@ def decays(name: str, parameter: nn.Parameter, decay_scalars: bool = True) -> bo
     return parameter.ndim != 1 and not name.endswith("bias")
 
 
+# An encoder layer's parameters in transformers' vision towers: `encoder.layers.N.` (BLIP-2's, CLIP, SigLIP) or
+# `encoder.layer.N.` (ViT, DINOv2), possibly under a prefix (CLIPVisionModel's `vision_model.`).
+_TOWER_LAYER = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)\.")
+
+
+def vision_layer_ids(vision_model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter of the tower numbered as LAVIS numbers the ViT's for its layer-wise learning-rate decay (the
+    BEiT/EVA `get_num_layer`), and the tower's number of layers L: encoder layer k is k + 1, the parameters registered
+    before the first layer (embeddings, CLIP's pre-layernorm) 0, those after the last (post-layernorm, head) L."""
+    names = [name for name, _ in vision_model.named_parameters()]
+    layer_of = {name: int(match.group(1)) for name in names if (match := _TOWER_LAYER.search(name))}
+    if not layer_of:
+        raise ValueError(
+            f"no encoder layer among the parameters of {type(vision_model).__name__} (expected names with "
+            "'encoder.layers.N.' or 'encoder.layer.N.'): vision_layer_decay cannot number its layers; use 1.0"
+        )
+    num_layers = max(layer_of.values()) + 1
+    ids, after_layers = {}, False
+    for name in names:
+        if name in layer_of:
+            ids[name], after_layers = layer_of[name] + 1, True
+        else:
+            ids[name] = num_layers if after_layers else 0
+    return ids, num_layers
+
+
+def parameter_groups(model: nn.Module, args: TrainingArguments, decay_parameter_names: list[str]) -> list[dict]:
+    """The optimiser's parameter groups, trainable parameters only: the Trainer's two (`weight_decay`, and 0 for
+    `decay_parameter_names`' complement) for everything outside the vision tower, then, when the tower trains, one
+    group per tower layer and decay rule with the tower's own learning rate and weight decay, as LAVIS's
+    `Blip2Base.get_optimizer_params`: layer id i (`vision_layer_ids`) learns at
+    `vision_learning_rate * vision_layer_decay ** (L + 1 - i)`. The schedule then multiplies every group's rate alike.
+    """
+    decaying = set(decay_parameter_names)
+    bridge = find_bridge_model(model)
+    tower = {} if bridge is None else {id(p): name for name, p in bridge.vision_model.named_parameters()}
+    rest = {True: [], False: []}
+    tower_groups: dict[tuple[int, bool], dict] = {}
+    layer_ids, num_layers = {}, 0
+    decay_factor = getattr(args, "vision_layer_decay", 1.0)
+    if tower and decay_factor != 1.0 and not bridge.vision_model_is_frozen:
+        layer_ids, num_layers = vision_layer_ids(bridge.vision_model)
+    vision_lr = getattr(args, "vision_learning_rate", None)
+    vision_lr = args.learning_rate if vision_lr is None else vision_lr
+    vision_decay = getattr(args, "vision_weight_decay", None)
+    vision_decay = args.weight_decay if vision_decay is None else vision_decay
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decays_here = name in decaying
+        if id(parameter) not in tower:
+            rest[decays_here].append(parameter)
+            continue
+        layer_id = layer_ids.get(tower[id(parameter)], num_layers + 1)
+        group = tower_groups.setdefault((layer_id, decays_here), {
+            "params": [],
+            "weight_decay": vision_decay if decays_here else 0.0,
+            "lr": vision_lr * decay_factor ** (num_layers + 1 - layer_id),
+        })
+        group["params"].append(parameter)
+    return [
+        {"params": rest[True], "weight_decay": args.weight_decay},
+        {"params": rest[False], "weight_decay": 0.0},
+        *(tower_groups[key] for key in sorted(tower_groups, key=lambda key: (key[0], not key[1]))),
+    ]
+
+
+def has_vision_settings(args: TrainingArguments) -> bool:
+    """The arguments give the vision tower its own learning rate, weight decay or layer decay."""
+    return (getattr(args, "vision_learning_rate", None) is not None
+            or getattr(args, "vision_weight_decay", None) is not None
+            or getattr(args, "vision_layer_decay", 1.0) != 1.0)
+
+
 def per_epoch_cosine_schedule(
     optimizer: torch.optim.Optimizer,
     num_warmup_steps: int,
@@ -66,7 +140,9 @@ def per_epoch_cosine_schedule(
       epochs (the last epoch stays above `min_lr`, as in the original).
 
     `peak` is each parameter group's initial learning rate; `min_lr` and `warmup_lr_rate` are read as transformers'
-    `cosine_warmup_with_min_lr` reads them, so the recipe's `lr_scheduler_kwargs` serve both schedules.
+    `cosine_warmup_with_min_lr` reads them, so the recipe's `lr_scheduler_kwargs` serve both schedules. As there, every
+    group's rate is its initial rate times one factor: a group starting at r times `learning_rate` (a vision tower's,
+    `parameter_groups`) warms up from r times the start and decays to r times `min_lr`.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch is {steps_per_epoch}; expected at least 1 optimiser step per epoch")
@@ -268,7 +344,9 @@ class Blip2BridgeTrainer(Trainer):
     """A `transformers.Trainer` for BLIP-2's two stages.
 
     - Only trainable parameters reach the optimiser, grouped as the original: no weight decay on 1-d parameters and
-      biases (see `decays`).
+      biases (see `decays`). A vision tower that trains gets its own learning rate, weight decay and layer-wise
+      learning-rate decay from `vision_learning_rate`, `vision_weight_decay`, `vision_layer_decay`
+      (`parameter_groups`).
     - Stage 1 logs `loss_itc`, `loss_itm` and `loss_itg` next to `loss`, each averaged over the logging window (and
       over processes) as the Trainer averages `loss`.
     - With `Blip2BridgeTrainingArguments`: `frozen_dtype` casts the frozen encoder and LLM (trainable weights stay
@@ -313,6 +391,31 @@ class Blip2BridgeTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         decay_scalars = getattr(self.args, "decay_scalar_parameters", True)
         return [name for name, parameter in model.named_parameters() if decays(name, parameter, decay_scalars)]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimiser, with the trainable vision tower's own groups (`parameter_groups`) when the
+        arguments set `vision_learning_rate`, `vision_weight_decay` or `vision_layer_decay`."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and has_vision_settings(self.args):
+            bridge = find_bridge_model(opt_model)
+            if bridge is None or bridge.vision_model_is_frozen:
+                logger.warning(
+                    "vision_learning_rate / vision_weight_decay / vision_layer_decay are set but the vision tower is "
+                    "frozen: they apply to nothing (unfreeze it with model.vision_model.requires_grad_(True))"
+                )
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                builds_own_groups = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+                if builds_own_groups or not (isinstance(optimizer_cls, type)
+                                             and issubclass(optimizer_cls, torch.optim.Optimizer)):
+                    raise ValueError(
+                        f"optim={self.args.optim!r} builds its own parameter groups, so the vision tower's learning "
+                        "rate, weight decay and layer decay cannot apply; expected an optimiser that takes parameter "
+                        "groups (e.g. adamw_torch_fused)"
+                    )
+                groups = parameter_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+                self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -407,8 +510,10 @@ __all__ = [
     "decays",
     "frozen_submodules",
     "incomplete_checkpoint_reason",
+    "parameter_groups",
     "latest_complete_checkpoint",
     "per_epoch_cosine_schedule",
     "resolve_checkpoint",
     "training_stage",
+    "vision_layer_ids",
 ]
