@@ -40,7 +40,9 @@ def add_caption_noise(captions: list[str], fraction: float, seed: int) -> tuple[
 
 
 def write_corpus(folder: Path, images: list, captions: list[str]) -> Path:
-    """The images as PNG files and a LAVIS-style annotation file naming them: the corpus as a user would hold it."""
+    """The images as PNG files and a LAVIS-style annotation file naming them: the corpus as a user would hold it.
+    The folder starts afresh."""
+    shutil.rmtree(folder, ignore_errors=True)
     image_folder = folder / "images"
     image_folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -57,9 +59,10 @@ def image_index(path: str) -> int:
     return int(Path(path).stem)
 
 
-def clean_corpus(stage1, processor, images: list, noisy_captions: list[str], true_captions: list[str],
-                 folder: Path, seed: int) -> tuple[list[dict], dict]:
-    """Runs CapFilt over the noisy corpus with `stage1` as captioner and filter. Returns the filtered training rows
+def clean_corpus(stage1, processor, corpus_file: Path, true_captions: list[str], folder: Path,
+                 seed: int) -> tuple[list[dict], dict]:
+    """Runs CapFilt over the noisy corpus (`write_corpus`'s annotation file) with `stage1` as captioner and filter,
+    writing to `folder`. Returns the filtered training rows
     ({"image_index", "caption"}, read back with `load_lavis_annotations`) and the percentages of results.json:
 
     wrong_before: of the corpus's captions, the percent that are wrong;
@@ -69,11 +72,12 @@ def clean_corpus(stage1, processor, images: list, noisy_captions: list[str], tru
     """
     # A run always starts afresh: CapFilt would resume from shards an earlier run's model left here.
     shutil.rmtree(folder, ignore_errors=True)
-    annotation_file = write_corpus(folder, images, noisy_captions)
+    corpus = load_lavis_annotations(corpus_file, image_root="")
+    noisy_captions = corpus["caption"]
     stage1.eval()
     with torch.no_grad():
         summary = capfilt(
-            load_lavis_annotations(annotation_file, image_root=""),
+            corpus,
             folder,
             stage1,
             processor,
@@ -81,11 +85,11 @@ def clean_corpus(stage1, processor, images: list, noisy_captions: list[str], tru
             keep_rule=KEEP_RULE,
             batch_size=64,
             seed=seed,
-            source=str(annotation_file),
+            source=str(corpus_file),
         )
     if not sum(summary["kept"].values()):
         raise ValueError(
-            f"CapFilt kept no caption of the {len(images)} images (keep rule {KEEP_RULE}); stage 1 has nothing to "
+            f"CapFilt kept no caption of the {len(noisy_captions)} images (keep rule {KEEP_RULE}); stage 1 has nothing to "
             "train on again"
         )
     rows = load_lavis_annotations(folder / "annotations.json", image_root="")

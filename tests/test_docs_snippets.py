@@ -44,7 +44,7 @@ from modeling_blip2 import convert_lavis
 from modeling_blip2.cli import main
 from tests.helpers import CAPTIONS, make_llm_tokenizer, tokenizer_without_dec
 from tests.lavis_reference import lavis_state_dict_random
-from tests.data_files import write_benchmark_data, write_coco_folder
+from tests.data_files import write_benchmark_data, write_coco_folder, write_shards
 from tests.lavis_checkpoints import (
     CLIP_CONFIG,
     EVA_CONFIG,
@@ -213,7 +213,26 @@ def write_evaluation_inputs(folder: Path) -> None:
     save_stage1_with_processor(folder / "my-blip2-stage1")
 
 
+def write_capfilt_inputs(folder: Path) -> None:
+    """A stage-1 and a stage-2 model, and the same web images in the three layouts CapFilt reads."""
+    save_stage1_with_processor(folder / "blip2-stage1")
+    save_stage2_with_processor(folder / "blip2-opt")
+    annotation_file = write_coco_folder(folder, image_dir="images", annotation_file="coco_style.json")
+    content = json.loads(annotation_file.read_text())
+    file_names = {image["id"]: image["file_name"] for image in content["images"]}
+    lavis_style = [{"image": file_names[a["image_id"]], "caption": a["caption"], "image_id": a["image_id"]}
+                   for a in content["annotations"]]
+    write_json(folder / "web_captions.json", lavis_style)
+    (folder / "web").mkdir()
+    for index, caption in enumerate(CAPTIONS[:3]):
+        shutil.copy(folder / "images" / f"{index}.jpg", folder / "web" / f"{index}.jpg")
+        (folder / "web" / f"{index}.txt").write_text(caption)
+    (folder / "web-shards").mkdir()
+    write_shards(folder / "web-shards")
+
+
 DOCUMENT_INPUTS = {
+    "docs/capfilt.md": write_capfilt_inputs,
     "README.md": write_readme_inputs,
     "docs/conversion.md": write_conversion_inputs,
     "docs/data.md": write_data_inputs,
@@ -581,6 +600,26 @@ def check_evaluation_commands(run: DocumentRun, printed: str) -> None:
     assert (retrieval["num_texts"], retrieval["k"]) == (9, 128) and 0 <= retrieval["txt_r1"] <= 100
 
 
+def check_capfilt_commands(run: DocumentRun, printed: str) -> None:
+    # 4 of the 5 images are readable (the fifth is a truncated JPEG); BLIP-2's rule keeps the best two captions each.
+    annotations = json.loads(Path("web-capfilt/annotations.json").read_text())
+    assert len(annotations) == 4 and all(len(entry["caption"]) == 2 for entry in annotations)
+    assert json.loads(Path("web-capfilt/capfilt_summary.json").read_text())["images_skipped"]["corrupt image"] == 1
+    # The stage-2 captioner's captions are candidates too.
+    opt_rows = json.loads(Path("web-capfilt-opt/annotations.json").read_text())
+    summary = json.loads(Path("web-capfilt-opt/capfilt_summary.json").read_text())
+    assert summary["images"] == 3 and summary["candidates"]["synthetic"] > 0 and len(opt_rows) <= 3
+    shards = sorted(path.name for path in Path("web-capfilt-shards/webdataset").iterdir())
+    assert shards == ["00000.tar", "00001.tar"]
+    # The model trained on the kept captions was saved.
+    assert Path("blip2-stage1-capfilt/model.safetensors").is_file()
+
+
+def check_capfilt_python(run: DocumentRun, printed: str) -> None:
+    dataset, summary = run.namespace["dataset"], run.namespace["summary"]
+    assert len(dataset) == summary["kept"]["web"] + summary["kept"]["synthetic"] == 8
+
+
 def check_quickstart_help(run: DocumentRun, printed: str) -> None:
     assert "usage: blip2-bridge quickstart" in printed and "--size" in printed
 
@@ -603,6 +642,8 @@ CHECKS = {
     "blip2-bridge train stage2.yaml": check_data_training_commands,
     "blip2-bridge evaluate --task vqav2": check_evaluation_commands,
     "blip2-bridge quickstart": check_quickstart_help,
+    "--image-root images --output web-capfilt\n": check_capfilt_commands,
+    'load_lavis_annotations("web-capfilt-python/annotations.json"': check_capfilt_python,
 }
 
 

@@ -5,6 +5,7 @@ Q-Former captions it reads back. Tiny images and a tiny random model, no network
 import copy
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 import modeling_blip2  # noqa: F401  (registers the Auto classes)
 from modeling_blip2 import Blip2BridgeModel
 from modeling_blip2.quickstart import capfilt as quickstart_capfilt
-from modeling_blip2.quickstart.capfilt import add_caption_noise, clean_corpus, qformer_captions
+from modeling_blip2.quickstart.capfilt import add_caption_noise, clean_corpus, qformer_captions, write_corpus
 from modeling_blip2.quickstart.scenes import make_scenes
 from tests.data_files import write_tiny_model
 
@@ -137,7 +138,7 @@ class FakeCapFilt:
             "images": [row["image"] for row in rows],
             "captions": [row["caption"] for row in rows],
             "image_ids": [row["image_id"] for row in rows],
-            "files": sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*")),
+            "files": sorted(str(path.relative_to(output_dir)) for path in Path(output_dir).rglob("*")),
             "filter_model": filter_model,
             "filter_processor": filter_processor,
             "captioner_model": captioner_model,
@@ -149,7 +150,7 @@ class FakeCapFilt:
             "grad": torch.is_grad_enabled(),
         })
         output = hand_built_rows([row["image"] for row in rows])
-        (output_dir / "shards").mkdir()
+        (output_dir / "shards").mkdir(parents=True)
         (output_dir / "shards" / "shard-00000.jsonl").write_text("".join(json.dumps(row) + "\n" for row in output))
         kept = [row for row in output if row["caption"]]
         (output_dir / "annotations.json").write_text(json.dumps(kept, indent=1) + "\n")
@@ -165,30 +166,33 @@ def test_clean_corpus_statistics_from_capfilt_output(tmp_path, monkeypatch):
     fake = FakeCapFilt()
     monkeypatch.setattr(quickstart_capfilt, "capfilt", fake)
     stage1, processor = torch.nn.Linear(1, 1).train(), object()
-    folder = tmp_path / "capfilt"
     images = tiny_images()
+    corpus_file = write_corpus(tmp_path / "corpus", images, NOISY)
+    folder = tmp_path / "round-1"
 
-    kept, statistics = clean_corpus(stage1, processor, images, NOISY, TRUE, folder, seed=5)
+    kept, statistics = clean_corpus(stage1, processor, corpus_file, TRUE, folder, seed=5)
 
     # The corpus: PNG files with the images' pixels, and a LAVIS-style file naming them with the noisy captions.
-    paths = [str(folder / "images" / f"{index:05d}.png") for index in range(6)]
+    paths = [str(tmp_path / "corpus" / "images" / f"{index:05d}.png") for index in range(6)]
     for path, image in zip(paths, images):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
-    assert json.loads((folder / "noisy_annotations.json").read_text()) == [
+    assert corpus_file == tmp_path / "corpus" / "noisy_annotations.json"
+    assert json.loads(corpus_file.read_text()) == [
         {"image": path, "caption": caption, "image_id": index}
         for index, (path, caption) in enumerate(zip(paths, NOISY))
     ]
 
-    # CapFilt read that corpus with the quickstart's settings, the model in eval mode and without gradients.
+    # CapFilt read that corpus with the quickstart's settings, the model in eval mode and without gradients, into an
+    # empty folder.
     (call,) = fake.calls
     assert call["images"] == paths and call["captions"] == NOISY and call["image_ids"] == list(range(6))
-    assert call["files"] == ["images", *[f"images/{index:05d}.png" for index in range(6)], "noisy_annotations.json"]
+    assert call["files"] == []
     assert call["filter_model"] is stage1 and call["filter_processor"] is processor
     assert call["captioner_model"] is None
     assert call["captioner_settings"] == quickstart_capfilt.CAPTIONER
     assert call["keep_rule"] == quickstart_capfilt.KEEP_RULE
     assert call["seed"] == 5
-    assert call["source"] == str(folder / "noisy_annotations.json")
+    assert call["source"] == str(corpus_file)
     assert call["eval"] and not call["grad"]
 
     # Every kept caption, best first within an image; image 2 kept none.
@@ -215,38 +219,40 @@ def test_clean_corpus_statistics_from_capfilt_output(tmp_path, monkeypatch):
     }
 
 
-def test_clean_corpus_starts_afresh(tmp_path, monkeypatch):
+def test_the_corpus_and_each_cleaning_start_afresh(tmp_path, monkeypatch):
     fake = FakeCapFilt()
     monkeypatch.setattr(quickstart_capfilt, "capfilt", fake)
-    folder = tmp_path / "capfilt"
     stage1 = torch.nn.Linear(1, 1)
-    first = clean_corpus(stage1, None, tiny_images(), NOISY, TRUE, folder, seed=0)
-    (folder / "stale.txt").write_text("from an earlier run\n")
-    (folder / "images" / "00099.png").write_bytes(b"not an image")
+    corpus_file = write_corpus(tmp_path / "corpus", tiny_images(), NOISY)
+    first = clean_corpus(stage1, None, corpus_file, TRUE, tmp_path / "round", seed=0)
+    (tmp_path / "round" / "stale.txt").write_text("from an earlier run\n")
+    (tmp_path / "corpus" / "images" / "00099.png").write_bytes(b"not an image")
 
-    second = clean_corpus(stage1, None, tiny_images(), NOISY, TRUE, folder, seed=0)
+    corpus_file = write_corpus(tmp_path / "corpus", tiny_images(), NOISY)
+    second = clean_corpus(stage1, None, corpus_file, TRUE, tmp_path / "round", seed=0)
 
-    # The second CapFilt call found only the new corpus: no shards it would resume from, no stale files.
-    expected_files = ["images", *[f"images/{index:05d}.png" for index in range(6)], "noisy_annotations.json"]
-    assert [call["files"] for call in fake.calls] == [expected_files, expected_files]
-    assert not (folder / "stale.txt").exists()
-    assert not (folder / "images" / "00099.png").exists()
-    assert sorted(path.name for path in folder.iterdir()) == ["annotations.json", "images", "noisy_annotations.json",
-                                                               "shards"]
+    # The second CapFilt call found an empty folder (no shards it would resume from) and the corpus had no stale file.
+    assert [call["files"] for call in fake.calls] == [[], []]
+    assert not (tmp_path / "corpus" / "images" / "00099.png").exists()
+    assert sorted(path.name for path in (tmp_path / "corpus" / "images").iterdir()) == [
+        f"{index:05d}.png" for index in range(6)
+    ]
+    assert sorted(path.name for path in (tmp_path / "round").iterdir()) == ["annotations.json", "shards"]
     assert second == first
 
 
 def test_clean_corpus_refuses_a_run_that_kept_nothing(tmp_path, monkeypatch):
     def keep_nothing(dataset, output_dir, *args, **kwargs):
         rows = [{**row, "caption": [], "candidates": []} for row in hand_built_rows([r["image"] for r in dataset])]
-        (output_dir / "shards").mkdir()
+        (output_dir / "shards").mkdir(parents=True)
         (output_dir / "shards" / "shard-00000.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (output_dir / "annotations.json").write_text("[]\n")
         return {**SUMMARY, "kept": {"web": 0, "synthetic": 0}, "images_without_kept_caption": 6}
 
     monkeypatch.setattr(quickstart_capfilt, "capfilt", keep_nothing)
+    corpus_file = write_corpus(tmp_path / "corpus", tiny_images(), NOISY)
     with pytest.raises(ValueError, match="CapFilt kept no caption of the 6 images"):
-        clean_corpus(torch.nn.Linear(1, 1), None, tiny_images(), NOISY, TRUE, tmp_path / "capfilt", seed=0)
+        clean_corpus(torch.nn.Linear(1, 1), None, corpus_file, TRUE, tmp_path / "round", seed=0)
 
 
 # ---- qformer_captions --------------------------------------------------------------------------------------------

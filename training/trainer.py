@@ -48,9 +48,9 @@ def decays(name: str, parameter: nn.Parameter, decay_scalars: bool = True) -> bo
     return parameter.ndim != 1 and not name.endswith("bias")
 
 
-# An encoder layer's parameters in transformers' vision towers: `encoder.layers.N.` (BLIP-2's, CLIP, SigLIP) or
-# `encoder.layer.N.` (ViT, DINOv2), possibly under a prefix (CLIPVisionModel's `vision_model.`).
-_TOWER_LAYER = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)\.")
+# An encoder layer's parameters in transformers' vision towers: `encoder.layers.N.` (BLIP-2's, CLIP, SigLIP),
+# `encoder.layer.N.` or `layers.N.` (ViT, DINOv2, by release), possibly under a prefix; the first such part counts.
+_TOWER_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 def vision_layer_ids(vision_model: nn.Module) -> tuple[dict[str, int], int]:
@@ -62,7 +62,7 @@ def vision_layer_ids(vision_model: nn.Module) -> tuple[dict[str, int], int]:
     if not layer_of:
         raise ValueError(
             f"no encoder layer among the parameters of {type(vision_model).__name__} (expected names with "
-            "'encoder.layers.N.' or 'encoder.layer.N.'): vision_layer_decay cannot number its layers; use 1.0"
+            "'layers.N.' or 'layer.N.'): vision_layer_decay cannot number its layers; use 1.0"
         )
     num_layers = max(layer_of.values()) + 1
     ids, after_layers = {}, False
