@@ -18,8 +18,10 @@ BATCH_SIZES = {1: 100, 2: 64}
 TRAINING_STEPS = {1: 250_000, 2: 80_000}
 
 # The COCO fine-tuning recipes, by the name of their LAVIS file (lavis/projects/blip2/train/<name>.yaml): both unfreeze
-# the image tower (`freeze_vit: False`) at 364 px and share the optimiser and schedule; the batch and the tower's
-# layer-wise learning-rate decay (`lr_layer_decay`, retrieval only) differ.
+# the image tower (`freeze_vit: False`) at 364 px and share the optimiser and schedule; the batch differs. Retrieval's
+# file also names a layer-wise learning-rate decay (`lr_layer_decay: 0.95`) that LAVIS's schedulers never apply (they
+# set every group to one rate): the presets train the tower at one rate, as the original did; vision_layer_decay=0.95
+# applies the decay the file names.
 FINETUNE_LEARNING_RATE = 1e-5  # init_lr
 FINETUNE_WARMUP_START_LEARNING_RATE = 1e-8  # warmup_lr
 FINETUNE_MIN_LEARNING_RATE = 0.0  # min_lr
@@ -29,7 +31,7 @@ FINETUNE_RECIPES = {
     # caption_coco_ft.yaml: blip2_opt (stage 2, OPT-2.7b), prompt "a photo of ".
     "caption_coco_ft": dict(per_device_train_batch_size=16, vision_layer_decay=1.0),
     # retrieval_coco_ft.yaml: blip2 (stage 1).
-    "retrieval_coco_ft": dict(per_device_train_batch_size=14, vision_layer_decay=0.95),
+    "retrieval_coco_ft": dict(per_device_train_batch_size=14, vision_layer_decay=1.0),
 }
 # The pre-training recipes under their LAVIS names too: recipe="pretrain_stage1" is stage=1.
 PRETRAIN_RECIPES = {"pretrain_stage1": 1, "pretrain_stage2": 2}
@@ -214,7 +216,8 @@ def blip2_training_arguments(
     - `recipe="caption_coco_ft"` (a stage-2 model) and `recipe="retrieval_coco_ft"` (a stage-1 model): the same AdamW
       with weight decay 0.05, peak 1e-5 after 1000 warm-up steps from 1e-8, then the original's per-epoch cosine to 0
       (`cosine_decay_per_epoch=True`) over 5 epochs, gradient checkpointing on; 16 (caption) / 14 (retrieval) samples
-      per device; retrieval decays the tower's learning rate by 0.95 per layer (`vision_layer_decay`).
+      per device; retrieval's file names a tower layer decay of 0.95 that the original never applied
+      (`vision_layer_decay=0.95` applies it).
     - The recipe does not unfreeze the tower nor resize images, which are the model's and the processor's: call
       `model.vision_model.requires_grad_(True)`, and feed 364-px images (a processor with
       `size={"height": 364, "width": 364}`) to the model with `interpolate_pos_encoding=True` (a 224-px tower), or
