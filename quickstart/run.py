@@ -141,6 +141,8 @@ def expected_time(phase: str, steps: int) -> str:
 
 
 def run_phases(settings: QuickstartSettings) -> QuickstartResults:
+    if settings.capfilt and settings.capfilt_rounds < 1:
+        raise ValueError(f"capfilt_rounds is {settings.capfilt_rounds}; expected at least 1 round with --capfilt")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="blip2-quickstart-") as scratch:

@@ -50,6 +50,8 @@ RANK_BY = ("itc", "itm")
 FILTER_MAX_TEXT_LENGTH = 35
 # Image-caption pairs per ITM pass.
 ITM_BATCH_SIZE = 128
+# Webdataset input: the sampling seed of a batch counts items from input shard i's first item, i times this.
+WEBDATASET_SHARD_STRIDE = 1_000_000
 # LAVIS's `Blip2Qformer.generate` counts its [DEC] prompt token in max_length=30 and min_length=10.
 STAGE1_MAX_NEW_TOKENS = 29
 STAGE1_MIN_NEW_TOKENS = 9
@@ -408,7 +410,7 @@ def run_arguments(models: CapFiltModels, captioner_settings, keep_rule, source, 
         if description["files"] is None:
             # A model in memory or from the Hub: a checksum of its weights tells an earlier run's model from this one.
             with torch.no_grad():
-                description["weights_checksum"] = sum(float(p.double().sum()) for p in model.parameters())
+                description["weights_checksum"] = sum(float(p.sum(dtype=torch.float64)) for p in model.parameters())
         return description
 
     return dict(
@@ -468,7 +470,9 @@ def capfilt(
     `output_dir` and returns the summary on the main process (None on the others).
 
     filter_model: a stage-1 `Blip2BridgeModel` (ITC, ITM) with its processor. captioner_model: a stage-1 model (its
-    Q-Former decoder) or a stage-2 model, with its processor; default the filter model. A run writes each shard of
+    Q-Former decoder) or a stage-2 model, with its processor; default the filter model. Images given as paths are
+    written to `annotations.json` as given; images given in memory (PIL images, bytes) have no path to write, so their
+    rows carry only their `image_id` and `annotations.json` cannot name them. A run writes each shard of
     `shard_size` images under `output_dir/shards/` as it finishes; rerun with the same arguments to resume.
     source: how the run names its input in its saved arguments (default: the number of images).
     """
@@ -547,7 +551,7 @@ def capfilt_webdataset(
                 "web_captions": [sample["caption"]] if sample["caption"] else [],
                 "name": f"{shard_files[index]}:{sample['__key__']}",
             })
-        rows = caption_entries(models, entries, index * 1_000_000, batch_size, seed, timings, bar)
+        rows = caption_entries(models, entries, index * WEBDATASET_SHARD_STRIDE, batch_size, seed, timings, bar)
         write_tar(tar_folder / f"{index:05d}.tar", entries, rows)
         return rows
 
