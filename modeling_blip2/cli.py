@@ -8,6 +8,7 @@ from .convert_lavis import VISION_PRESETS, load_lavis_checkpoint
 from .hub import load_blip2_bridge_folder
 from .evaluation.command import add_evaluate_command
 from .quickstart.command import add_quickstart_command
+from .training.cli_cache_features import add_cache_features_command
 from .training.cli_capfilt import add_capfilt_command
 from .training.cli_train import add_train_command
 
@@ -139,7 +140,8 @@ def count(number: int) -> str:
 
 
 SUBCOMMANDS = (
-    add_quickstart_command, add_convert_command, add_train_command, add_evaluate_command, add_capfilt_command
+    add_quickstart_command, add_convert_command, add_train_command, add_evaluate_command, add_cache_features_command,
+    add_capfilt_command,
 )
 
 

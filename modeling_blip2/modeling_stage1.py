@@ -283,6 +283,7 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         text_index: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_key_values: list | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(num_pairs, 2) image-text matching logits; softmax(...)[:, 1] is the probability that the pair matches.
 
@@ -291,11 +292,12 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         inputs_embeds: the texts' word embeddings instead of input_ids.
         image_key_values: `qformer.project_image(image_embeds)` instead of pixels or image_embeds, to score the same
             images over several calls (retrieval) with their cross-attention keys/values projected once.
+        vision_features: the tower's cached output instead of pixels, as `forward` takes it.
         """
         if inputs_embeds is None:
             self._check_text(input_ids, attention_mask)
         if image_key_values is None:
-            image_embeds = self._resolve_image_embeds(pixel_values, image_embeds)
+            image_embeds = self._resolve_image_embeds(pixel_values, image_embeds, vision_features=vision_features)
         num_texts = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         num_images = image_embeds.shape[0] if image_key_values is None else image_key_values[0].shape[1]
         self._check_pairs(num_texts, num_images, text_index, image_index)
@@ -369,10 +371,13 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         output_hidden_states: bool | None = None,
         labels: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> Blip2BridgeModelOutput | tuple:
         r"""
         pixel_values: (batch, 3, height, width) images, or
-        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, instead of pixels.
+        image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm, instead of pixels, or
+        vision_features: (batch, image_length, vision_width) the frozen tower's output at `vision_feature_layer`,
+            before `vision_layernorm`, as `blip2-bridge cache-features` stores it: the LayerNorm runs (and trains).
         input_ids: (batch, text_length) Q-Former (BERT) token ids, [CLS] first; attention_mask: 1 for real tokens.
         image_ids: (batch,) optional ids of the images; captions of the same image are all ITC positives and never
             drawn as ITM negatives of each other.
@@ -401,6 +406,9 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
             )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds
+        )
         given_images = image_embeds if pixel_values is None else pixel_values
         vision_model_output = None
         if pixel_values is not None and image_embeds is None:
@@ -581,14 +589,18 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Captions images with the ITG decoder, through transformers' `generate` (greedy, beams, sampling, ...).
 
         input_ids: optional prompt in Q-Former tokens starting with [DEC]; default [DEC] alone. Returns the token ids,
-        prompt included; decode them with the processor's tokenizer. interpolate_pos_encoding: as for `forward`.
+        prompt included; decode them with the processor's tokenizer. interpolate_pos_encoding, vision_features: as for
+        `forward`.
         """
-        image_embeds = self._resolve_image_embeds(pixel_values, image_embeds, interpolate_pos_encoding)
+        image_embeds = self._resolve_image_embeds(
+            pixel_values, image_embeds, interpolate_pos_encoding, vision_features=vision_features
+        )
         batch_size = image_embeds.shape[0]
         qformer_config = self.config.qformer_config
         if input_ids is None:

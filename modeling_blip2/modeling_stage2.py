@@ -138,6 +138,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         return_dict: bool | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> "Blip2BridgeImageFeaturesOutput | tuple":
         """The images (or videos) through the tower and the query pass; see `Blip2BridgeImageQueryModel`'s.
 
@@ -146,8 +147,11 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         instruction (qformer_input_ids / qformer_attention_mask: (batch, length), repeated per frame); `pooler_output`
         and `query_output` then hold each sample's frames one after the other, (batch, frames * num_query_tokens,
         width), what fills the prompt's `frames * num_query_tokens` placeholders; the other fields hold one row per
-        frame (batch * frames, ...).
+        frame (batch * frames, ...). vision_features: the tower's cached output, as `forward` takes it.
         """
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds
+        )
         video = pixel_values if pixel_values is not None and pixel_values.dim() == 5 else None
         if video is None and pixel_values is None and image_embeds is not None and image_embeds.dim() == 4:
             video = image_embeds
@@ -288,6 +292,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> Blip2BridgeForConditionalGenerationOutput:
         r"""
@@ -295,7 +300,10 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         image_embeds: (batch, image_length, vision_width) features after the vision LayerNorm (a video: (batch, frames,
             image_length, vision_width)), or
         image_features: (batch, num_query_tokens, llm_hidden_size) from `get_image_features(...).pooler_output`
-            (a video: (batch, frames * num_query_tokens, llm_hidden_size)).
+            (a video: (batch, frames * num_query_tokens, llm_hidden_size)), or
+        vision_features: (batch, image_length, vision_width) the frozen tower's output at `vision_feature_layer`,
+            before `vision_layernorm`, as `blip2-bridge cache-features` stores it (a video: (batch, frames,
+            image_length, vision_width)): the LayerNorm runs (and trains).
         qformer_input_ids, qformer_attention_mask: (batch, length) the instruction in Q-Former tokens, read by the
             queries of an instruction-aware (InstructBLIP) model, whose Q-Former is built with `use_text_input=True`;
             transformers' InstructBLIP names. Without them such a model's queries read the image alone.
@@ -319,6 +327,9 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("inputs_embeds are built here from input_ids and the image features; pass input_ids")
         self._check_language_model_kwargs(kwargs)
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds, image_features=image_features
+        )
         image_features, image_outputs = self._image_outputs(
             pixel_values,
             image_embeds,
@@ -403,6 +414,7 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Answers or captions through the LLM's `generate` (greedy, beams, sampling, ...), as transformers' BLIP-2.
@@ -413,8 +425,11 @@ class Blip2BridgeForConditionalGeneration(Blip2BridgeImageQueryModel, Generation
         decoder's tokens. pixel_values, image_embeds, image_features, qformer_input_ids, qformer_attention_mask: as for
         `forward` (images or videos; the instruction an instruction-aware Q-Former reads). interpolate_pos_encoding:
         let a tower with a fixed position table read pixel_values of another size than `vision_config.image_size`, as
-        transformers' BLIP-2 `generate` and `forward`.
+        transformers' BLIP-2 `generate` and `forward`. vision_features: the tower's cached output, as for `forward`.
         """
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds, image_features=image_features
+        )
         image_features, _ = self._image_outputs(
             pixel_values,
             image_embeds,

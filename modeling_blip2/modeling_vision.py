@@ -105,13 +105,59 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
             self.vision_model.eval()
         return self
 
-    def get_image_embeds(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(batch, image_length, vision_width): the vision features after `vision_layernorm`.
+    def get_image_embeds(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(batch, image_length, vision_width): the vision features after `vision_layernorm`, from pixels or from the
+        tower's cached `vision_features` (see `image_embeds_from_vision_features`).
 
         interpolate_pos_encoding: let a tower with a fixed position table (BLIP-2's, CLIP, SigLIP, ViT) read images of
         another size than `vision_config.image_size`; pass the result to the model as `image_embeds`.
         """
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError("pass exactly one of pixel_values and vision_features")
+        if vision_features is not None:
+            return self.image_embeds_from_vision_features(vision_features)
         return self.run_vision_model(pixel_values, interpolate_pos_encoding)[0]
+
+    def image_embeds_from_vision_features(
+        self, vision_features: torch.Tensor | None, **other_inputs: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """`image_embeds` of `vision_features`, the frozen tower's output at `vision_feature_layer` before
+        `vision_layernorm` (what `blip2-bridge cache-features` stores): only the LayerNorm runs, so it still trains.
+
+        The one place every entry point (forward, generate, get_image_features, get_itm_logits) resolves
+        `vision_features`; other_inputs: the other image inputs of the call by name (pixel_values, image_embeds,
+        image_features), refused beside vision_features. Returns `other_inputs["image_embeds"]` when vision_features
+        is None, so that a caller reads `image_embeds = self.image_embeds_from_vision_features(...)` either way.
+        """
+        if vision_features is None:
+            return other_inputs.get("image_embeds")
+        given = [name for name, value in other_inputs.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"pass exactly one of {', '.join(other_inputs)} and vision_features; got vision_features and "
+                f"{' and '.join(given)}"
+            )
+        width = self.config.vision_config.hidden_size
+        if vision_features.dim() not in (3, 4) or vision_features.shape[-1] != width or 0 in vision_features.shape:
+            raise ValueError(
+                f"vision_features has shape {tuple(vision_features.shape)}; expected (batch, image_length, {width}): "
+                "the vision tower's hidden state at vision_feature_layer, before vision_layernorm"
+            )
+        if self.training and not self.vision_model_is_frozen:
+            raise ValueError(
+                "vision_features given while the vision tower trains (its parameters require grad): cached features "
+                "are those of the tower's weights when they were cached; pass pixel_values, or freeze the tower"
+            )
+        return self.apply_vision_layernorm(vision_features)
+
+    def apply_vision_layernorm(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """The tower's features at `vision_feature_layer` -> `image_embeds`, in the LayerNorm's precision."""
+        return self.vision_layernorm(vision_features.to(self.vision_layernorm.weight.dtype))
 
     def run_vision_model(
         self,
@@ -121,6 +167,19 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, ModelOutput]:
         """`get_image_embeds` with the tower's own output beside it (its hidden states and attentions when asked)."""
+        features, outputs = self.run_vision_tower(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
+        return self.apply_vision_layernorm(features), outputs
+
+    def run_vision_tower(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """The tower alone: its hidden state at `vision_feature_layer` (before `vision_layernorm`) and its output."""
         expected_channels = getattr(self.config.vision_config, "num_channels", 3)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected_channels:
             channels = pixel_values.shape[1] if pixel_values.dim() == 4 else "?"
@@ -155,7 +214,13 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         # Asked for by the feature layer only, or some of them only.
         outputs.hidden_states = select_hidden_states(outputs.hidden_states if output_hidden_states else None,
                                                      output_hidden_states)
-        return self.vision_layernorm(features.to(self.vision_layernorm.weight.dtype)), outputs
+        return features, outputs
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(batch, image_length, vision_width): the frozen tower's hidden state at `vision_feature_layer`, before
+        `vision_layernorm`: what `blip2-bridge cache-features` stores and `vision_features` takes."""
+        with torch.no_grad():
+            return self.run_vision_tower(pixel_values)[0]
 
     def project_query_output(self, query_output: torch.Tensor) -> torch.Tensor:
         """The image features each stage makes of the query outputs (stage 1: ITC embeddings; stage 2: LLM inputs)."""
@@ -171,6 +236,7 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         return_dict: bool | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> "Blip2BridgeImageFeaturesOutput | tuple":
         """The image through the tower and the query pass, as transformers' `get_image_features` returns it:
         `pooler_output` holds this model's image features (`project_query_output`), `last_hidden_state` the features
@@ -179,11 +245,15 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         output_attentions, output_hidden_states, return_dict: default to the config's, as in transformers.
         qformer_input_ids, qformer_attention_mask: an instruction the queries read (InstructBLIP); see
             `get_query_output`.
+        vision_features: the tower's cached output instead of pixels (`image_embeds_from_vision_features`).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         tower_output = None
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds
+        )
         if pixel_values is not None and image_embeds is None:
             image_embeds, tower_output = self.run_vision_model(
                 pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions
@@ -232,7 +302,11 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
         pixel_values: torch.Tensor | None,
         image_embeds: torch.Tensor | None,
         interpolate_pos_encoding: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        image_embeds = self.image_embeds_from_vision_features(
+            vision_features, pixel_values=pixel_values, image_embeds=image_embeds
+        )
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("pass exactly one of pixel_values and image_embeds")
         if pixel_values is not None:

@@ -72,8 +72,6 @@ class QuickstartSettings:
     capfilt: bool = knob(False, "clean the training captions with CapFilt (the stage-1 model captions and filters "
                          "them), train stage 1 again on the result and compare it with the noisy model; writes "
                          "OUTPUT_DIR/capfilt/ and results.json's \"capfilt\"")
-    capfilt_rounds: int = knob(2, "CapFilt rounds: each cleans the noisy corpus again with the model trained on the "
-                               "previous round's captions")
 
 
 # How often stage 2 sees each caption; it sees each of the scene's five questions once.
@@ -141,8 +139,6 @@ def expected_time(phase: str, steps: int) -> str:
 
 
 def run_phases(settings: QuickstartSettings) -> QuickstartResults:
-    if settings.capfilt and settings.capfilt_rounds < 1:
-        raise ValueError(f"capfilt_rounds is {settings.capfilt_rounds}; expected at least 1 round with --capfilt")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="blip2-quickstart-") as scratch:
@@ -256,33 +252,24 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
     if settings.capfilt:
         capfilt_folder = output_dir / "capfilt"
         corpus_file = write_corpus(capfilt_folder / "corpus", train_images, train_captions)
-        capfilt_results = {"noisy": stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes),
-                           "rounds": []}
-        for round_number in range(1, settings.capfilt_rounds + 1):
-            # Each round cleans the same noisy corpus with the model the previous round trained (BLIP's bootstrapping).
-            with timer.phase(f"CapFilt round {round_number}: the stage-1 model captions and filters the corpus",
-                             f"{CAPFILT_CAPTIONER.num_captions} sampled captions per image, the best kept if ITM calls "
-                             "it a match"):
-                stage1_data, statistics = clean_corpus(
-                    stage1, qformer_processor, corpus_file, true_captions, capfilt_folder / f"round-{round_number}",
-                    settings.seed,
-                )
-                print(
-                    f"wrong captions: {statistics['wrong_before']:.1f}% before, {statistics['wrong_after']:.1f}% "
-                    f"after; right captions kept: {statistics['right_kept']:.1f}%"
-                )
-            with timer.phase(f"stage 1 on the filtered captions of round {round_number}",
-                             f"from the same start ({expected_time('stage 1', settings.stage1_steps)})"):
-                stage1.load_state_dict(initial_stage1)
-                train_stage1(stage1_data, f"stage1_capfilt_round{round_number}",
-                             f"stage 1 (CapFilt round {round_number})")
-                statistics["model"] = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
-            capfilt_results["rounds"].append(statistics)
-        # The headline figures are the last round's: the data the final model trained on.
-        final = capfilt_results["rounds"][-1]
-        capfilt_results.update({name: final[name] for name in ("wrong_before", "wrong_after", "right_kept")})
-        capfilt_results["filtered"] = final["model"]
-        trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
+        with timer.phase("CapFilt: the stage-1 model captions and filters its own training captions",
+                         f"{CAPFILT_CAPTIONER.num_captions} sampled captions per image, the best kept if ITM calls it "
+                         "a match"):
+            noisy_quality = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
+            stage1_data, capfilt_results = clean_corpus(
+                stage1, qformer_processor, corpus_file, true_captions, capfilt_folder / "filtered", settings.seed
+            )
+            print(
+                f"wrong captions: {capfilt_results['wrong_before']:.1f}% before, {capfilt_results['wrong_after']:.1f}% "
+                f"after; right captions kept: {capfilt_results['right_kept']:.1f}%"
+            )
+        with timer.phase("stage 1 on the filtered captions",
+                         f"the same model, from the same start ({expected_time('stage 1', settings.stage1_steps)})"):
+            stage1.load_state_dict(initial_stage1)
+            train_stage1(stage1_data, "stage1_filtered", "stage 1 (filtered captions)")
+            trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
+            capfilt_results["noisy"] = noisy_quality
+            capfilt_results["filtered"] = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
     for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
         metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
 

@@ -44,6 +44,7 @@ from .collators import (
     InstructionTuningCollator,
 )
 from .data import DEFAULT_MAX_WORDS, SkippedSamples
+from .feature_cache import FeatureCache
 from .datasets import load_annotation_file, load_image_folder, load_instruction_annotations, load_webdataset
 from .instructions import INSTRUCTION_TEMPLATES, mix_datasets
 from .trainer import LATEST_CHECKPOINT, Blip2BridgeTrainer, checkpoint_folders, resolve_checkpoint
@@ -150,6 +151,15 @@ class DataArguments:
     )
     use_image_ids: bool = field(
         default=False, metadata={"help": "stage 1: captions of the same image are all ITC positives (fine-tuning)"}
+    )
+    feature_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "a folder written by `blip2-bridge cache-features` for this model and data: each sample's image is "
+            "replaced by its cached frozen-tower features (vision_layernorm still trains); --augment and "
+            "--random_augment then do nothing (the cache's views are the augmentation); a sample whose image is not "
+            "in the cache is skipped and counted as a missing file. Refused if the cache was made with another tower"
+        },
     )
     augment: bool = field(default=True, metadata={"help": "random resized crop + horizontal flip"})
     min_crop_scale: float = field(default=0.5, metadata={"help": "smallest crop area, as a fraction of the image"})
@@ -456,9 +466,11 @@ def load_train_dataset(data_args: DataArguments, seed: int = 0):
     return dataset.to_iterable_dataset() if data_args.streaming else dataset
 
 
-def make_collator(model_args, data_args, model, tokenizer, image_processor, skipped):
+def make_collator(model_args, data_args, model, tokenizer, image_processor, skipped, feature_cache=None):
+    """The collator of the stage and data, and the processor saved with the model. feature_cache: a `FeatureCache`
+    checked against the model (`load_feature_cache`): the collator then reads features instead of images."""
     augmentation = None
-    if data_args.augment:
+    if data_args.augment and feature_cache is None:
         augmentation = RandomResizedCropAndFlip(
             image_processor,
             scale=(data_args.min_crop_scale, 1.0),
@@ -474,6 +486,7 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
             max_words=data_args.max_words,
             image_id_column="image_id" if data_args.use_image_ids else None,
             skipped=skipped,
+            feature_cache=feature_cache,
         )
         return collator, processor
     text_config = model.config.text_config
@@ -495,6 +508,7 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
             end_of_text=end_of_text,
             image_transform=augmentation,
             skipped=skipped,
+            feature_cache=feature_cache,
         )
         return collator, processor
     collator = CaptionLMCollator(
@@ -510,9 +524,25 @@ def make_collator(model_args, data_args, model, tokenizer, image_processor, skip
         end_of_text=end_of_text,
         image_transform=augmentation,
         skipped=skipped,
+        feature_cache=feature_cache,
     )
     # Saved with the model, so that AutoProcessor and the pipelines read the trained folder as they read any other.
     return collator, processor
+
+
+def load_feature_cache(data_args: DataArguments, model, image_processor) -> FeatureCache | None:
+    """--feature_cache's folder, refused when its tower (config, feature layer, image size, weights) is not the
+    model's with `image_processor`; None without the flag."""
+    if data_args.feature_cache is None:
+        return None
+    cache = FeatureCache(data_args.feature_cache)
+    cache.check_model(model, image_processor)
+    if data_args.augment or data_args.random_augment:
+        logger.info(
+            f"--feature_cache: the images are not read; the cache's {cache.num_views} view(s) per image replace "
+            "--augment / --random_augment"
+        )
+    return cache
 
 
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # as transformers' InstructBlipProcessor saves it
@@ -604,7 +634,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: B
     if is_streaming and training_args.max_steps <= 0:
         raise ValueError("streamed data has no length: give --max_steps, the number of optimiser steps to train")
     skipped = SkippedSamples()
-    collator, processing_class = make_collator(model_args, data_args, model, tokenizer, image_processor, skipped)
+    feature_cache = load_feature_cache(data_args, model, image_processor)
+    collator, processing_class = make_collator(
+        model_args, data_args, model, tokenizer, image_processor, skipped, feature_cache
+    )
 
     trainer = make_trainer(model, training_args, train_dataset, collator, processing_class)
     result = trainer.train(resume_from_checkpoint=checkpoint)

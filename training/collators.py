@@ -45,6 +45,7 @@ from .data import (
     sample_name,
     text_or_most_frequent,
 )
+from .feature_cache import image_key
 from .instructions import INSTRUCTION_TEMPLATES, render_instruction
 
 
@@ -62,6 +63,12 @@ class ImageCollator:
     """
     Opens and processes the image of every sample, dropping and counting the unreadable ones; the subclasses add the
     text. `image_transform` (e.g. `RandomResizedCropAndFlip`) replaces the image processor's plain resize for training.
+
+    feature_cache: a `training.feature_cache.FeatureCache`: each sample's image is replaced by its cached features,
+    looked up by the image's key (its path, or webdataset `__key__`), one of the cached views drawn at random (torch's
+    global generator); the batch then holds `vision_features` instead of `pixel_values`, and no image is opened. A
+    sample whose image is not in the cache is skipped and counted as a "missing file", as an unreadable image is (the
+    cache leaves out the images it could not read).
     """
 
     def __init__(
@@ -70,10 +77,12 @@ class ImageCollator:
         image_transform=None,
         image_column: str = "image",
         skipped: SkippedSamples | None = None,
+        feature_cache=None,
     ):
         self.image_processor = image_processor
         self.image_transform = image_transform
         self.image_column = image_column
+        self.feature_cache = feature_cache
         # Created here, before any DataLoader worker starts, so that the workers' skips reach this process.
         self.skipped = skipped if skipped is not None else SkippedSamples()
         self._last_good_batch = None
@@ -91,7 +100,10 @@ class ImageCollator:
             name = sample_name(sample, index, self.image_column)
             try:
                 text = self.prepare_text(sample)
-                pixel_values.append(self.process_image(sample.get(self.image_column), name))
+                if self.feature_cache is None:
+                    pixel_values.append(self.process_image(sample.get(self.image_column), name))
+                else:
+                    pixel_values.append(self.cached_features(sample, name))
             except UnreadableSampleError as error:
                 self.skipped.skip(name, error)
                 continue
@@ -112,7 +124,7 @@ class ImageCollator:
         self._last_good_batch = (kept_samples, texts, pixel_values)
         self.skipped.add_used(len(kept_samples))
 
-        batch = {"pixel_values": torch.cat(pixel_values)}
+        batch = {"pixel_values" if self.feature_cache is None else "vision_features": torch.cat(pixel_values)}
         batch.update(self.encode(texts))
         batch.update(self.extra_columns(kept_samples))
         return batch
@@ -125,6 +137,16 @@ class ImageCollator:
             return self.image_processor(image, return_tensors="pt")["pixel_values"]
         except (ValueError, TypeError, OSError) as error:  # e.g. an array of NaNs, a PIL mode with no RGB conversion
             raise UnreadableSampleError(f"{name} could not be processed: {error}", "corrupt image") from error
+
+    def cached_features(self, sample: Mapping, name: str) -> torch.Tensor:
+        """(1, image_length, vision_width): one cached view of the sample's image (`feature_cache`)."""
+        try:
+            key = image_key(sample, self.image_column)
+        except ValueError as error:
+            raise UnreadableSampleError(f"{name}: {error}", "missing file") from error
+        views = self.feature_cache.features(key)
+        view = torch.randint(0, views.shape[0], (1,)).item() if views.shape[0] > 1 else 0
+        return views[view : view + 1]
 
     def extra_columns(self, samples: list[Mapping]) -> dict[str, torch.Tensor]:
         return {}
@@ -165,8 +187,9 @@ class ImageCaptionCollator(ImageCollator):
         caption_column: str = "caption",
         image_id_column: str | None = None,
         skipped: SkippedSamples | None = None,
+        feature_cache=None,
     ):
-        super().__init__(processor.image_processor, image_transform, image_column, skipped)
+        super().__init__(processor.image_processor, image_transform, image_column, skipped, feature_cache)
         self.processor = processor
         self.max_words = max_words
         self.caption_column = caption_column
@@ -235,7 +258,7 @@ class LanguageModelingCollator(ImageCollator):
             text loses tokens at its end but keeps its end-of-text token, so that the LLM still learns to stop.
         end_of_text: the text that ends a target; default the tokenizer's EOS token. The original ends OPT targets
             with "\n" (and generates until "\n"): pass `default_end_of_text(model.config.text_config)` for its choice.
-        image_transform, image_column, skipped: as [`ImageCollator`].
+        image_transform, image_column, skipped, feature_cache: as [`ImageCollator`].
     """
 
     def __init__(
@@ -249,8 +272,9 @@ class LanguageModelingCollator(ImageCollator):
         image_transform=None,
         image_column: str = "image",
         skipped: SkippedSamples | None = None,
+        feature_cache=None,
     ):
-        super().__init__(image_processor, image_transform, image_column, skipped)
+        super().__init__(image_processor, image_transform, image_column, skipped, feature_cache)
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} has no pad token; set one (e.g. tokenizer.pad_token = "
