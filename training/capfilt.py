@@ -448,6 +448,16 @@ def caption_entries(models, entries: list[dict], first_item: int, batch_size: in
     return rows
 
 
+def start_run(output_dir, filter_model, filter_processor, captioner_model, captioner_processor, captioner_settings,
+              keep_rule, batch_size, accelerator) -> tuple[Accelerator, Path, CapFiltModels]:
+    """What both entry points do first: check the batch size, take an accelerator, build the models."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size}; expected at least 1")
+    models = CapFiltModels.build(filter_model, filter_processor, captioner_model, captioner_processor,
+                                 captioner_settings, keep_rule)
+    return accelerator or Accelerator(), Path(output_dir), models
+
+
 def capfilt(
     dataset,
     output_dir: str | Path,
@@ -476,12 +486,10 @@ def capfilt(
     `shard_size` images under `output_dir/shards/` as it finishes; rerun with the same arguments to resume.
     source: how the run names its input in its saved arguments (default: the number of images).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size}; expected at least 1")
-    accelerator = accelerator or Accelerator()
-    output_dir = Path(output_dir)
-    models = CapFiltModels.build(filter_model, filter_processor, captioner_model, captioner_processor,
-                                 captioner_settings, keep_rule)
+    accelerator, output_dir, models = start_run(
+        output_dir, filter_model, filter_processor, captioner_model, captioner_processor, captioner_settings,
+        keep_rule, batch_size, accelerator,
+    )
     entries = images_of(dataset, image_column, caption_column)
     if not entries:
         raise ValueError("the dataset holds no images")
@@ -524,12 +532,10 @@ def capfilt_webdataset(
     resumable shard of work. Each input shard becomes `output_dir/webdataset/{index:05d}.tar` holding one sample per
     kept caption (the image's bytes, the caption as .txt, its source and scores as .json); stream them with
     `load_webdataset(output_dir + "/webdataset/*.tar")`."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size}; expected at least 1")
-    accelerator = accelerator or Accelerator()
-    output_dir = Path(output_dir)
-    models = CapFiltModels.build(filter_model, filter_processor, captioner_model, captioner_processor,
-                                 captioner_settings, keep_rule)
+    accelerator, output_dir, models = start_run(
+        output_dir, filter_model, filter_processor, captioner_model, captioner_processor, captioner_settings,
+        keep_rule, batch_size, accelerator,
+    )
     patterns = [str(data_files)] if isinstance(data_files, (str, os.PathLike)) else [str(f) for f in data_files]
     shard_files = resolve_shards(patterns)
     arguments = run_arguments(models, captioner_settings, keep_rule, shard_files, batch_size, 1, seed)
