@@ -89,11 +89,13 @@ def clean_corpus(stage1, processor, corpus_file: Path, true_captions: list[str],
         )
     if not sum(summary["kept"].values()):
         raise ValueError(
-            f"CapFilt kept no caption of the {len(noisy_captions)} images (keep rule {KEEP_RULE}); stage 1 has nothing to "
-            "train on again"
+            f"CapFilt kept no caption of the {len(noisy_captions)} images (keep rule {KEEP_RULE}); stage 1 has nothing "
+            "to train on again"
         )
     rows = load_lavis_annotations(folder / "annotations.json", image_root="")
-    kept = [{"image_index": image_index(path), "caption": caption} for path, caption in zip(rows["image"], rows["caption"])]
+    kept = [
+        {"image_index": image_index(path), "caption": caption} for path, caption in zip(rows["image"], rows["caption"])
+    ]
     kept_right = [row["caption"] == true_captions[row["image_index"]] for row in kept]
     web_kept = {
         image_index(row["image"]): any(c["source"] == "web" and c["kept"] for c in row["candidates"])

@@ -175,7 +175,8 @@ class Captioner:
         if self.stage1:
             self.prompt = settings.prompt or ""
             self.prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
-            max_new, min_new, eos = STAGE1_MAX_NEW_TOKENS, STAGE1_MIN_NEW_TOKENS, model.config.qformer_config.sep_token_id
+            max_new, min_new = STAGE1_MAX_NEW_TOKENS, STAGE1_MIN_NEW_TOKENS
+            eos = model.config.qformer_config.sep_token_id
         else:
             defaults = default_generation_settings("coco_caption", model.config.text_config)
             self.prompt = defaults.prompt if settings.prompt is None else settings.prompt
@@ -190,7 +191,9 @@ class Captioner:
                 self.tokenizer.padding_side = "left"
         max_new = max_new if settings.max_new_tokens is None else settings.max_new_tokens
         min_new = min_new if settings.min_new_tokens is None else settings.min_new_tokens
-        self.settings = replace(settings, prompt=self.prompt, max_new_tokens=max_new, min_new_tokens=min(min_new, max_new))
+        self.settings = replace(
+            settings, prompt=self.prompt, max_new_tokens=max_new, min_new_tokens=min(min_new, max_new)
+        )
         lengths = dict(max_new_tokens=self.settings.max_new_tokens, min_new_tokens=self.settings.min_new_tokens)
         if self.stage1:
             # The decoder's generation config sets max_length and min_length (LAVIS's); lengths given the same way
@@ -326,8 +329,8 @@ class Timings:
 
 def process_images(models: CapFiltModels, entries: list[dict], timings: Timings) -> list[dict]:
     """Captions and filters one batch of images. An entry: {"image", "image_id", "web_captions", "name", ...}.
-    Returns one row per entry, in order: the entry's fields, "candidates" with their scores and "kept" flags, and "caption" (the
-    kept texts, best first); an unreadable image gives a row with "skipped" (the reason) instead."""
+    Returns one row per entry, in order: the entry's fields, "candidates" with their scores and "kept" flags, and
+    "caption" (the kept texts, best first); an unreadable image gives a row with "skipped" (the reason) instead."""
     rows, readable, images = [None] * len(entries), [], []
     for position, entry in enumerate(entries):
         try:
@@ -351,7 +354,8 @@ def process_images(models: CapFiltModels, entries: list[dict], timings: Timings)
         merge_candidates(entry["web_captions"], captions) for entry, captions in zip(readable_entries, synthetic)
     ]
     pairs = [(image, candidate["text"]) for image, own in enumerate(candidates) for candidate in own]
-    scores = models.filter.score(image_embeds, [text for _, text in pairs], [image for image, _ in pairs]) if pairs else []
+    texts, image_index = [text for _, text in pairs], [image for image, _ in pairs]
+    scores = models.filter.score(image_embeds, texts, image_index) if pairs else []
     timings.captioning += captioned - start
     timings.filtering += time.perf_counter() - captioned
     timings.images += len(readable)
@@ -406,7 +410,8 @@ def images_of(dataset, image_column: str = "image", caption_column: str = "capti
 def run_arguments(models: CapFiltModels, captioner_settings, keep_rule, source, batch_size, shard_size, seed) -> dict:
     def describe(model):
         path = getattr(model, "name_or_path", "") or ""
-        description = {"class": type(model).__name__, "name_or_path": path, "files": model_files(path) if path else None}
+        files = model_files(path) if path else None
+        description = {"class": type(model).__name__, "name_or_path": path, "files": files}
         if description["files"] is None:
             # A model in memory or from the Hub: a checksum of its weights tells an earlier run's model from this one.
             with torch.no_grad():
