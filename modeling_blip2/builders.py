@@ -205,7 +205,9 @@ def build_stage2_model(
         stage 1 as InstructBLIP starts from BLIP-2's) and reads an instruction (`qformer_input_ids`) with the queries.
     language_model: a causal LM (`AutoModelForCausalLM`) or a seq2seq LM (`AutoModelForSeq2SeqLM`) with its LM head, or
         a path / hub id of one. It becomes the model's `language_model` as it is (not copied) and is frozen unless
-        `freeze_language_model=False`.
+        `freeze_language_model=False`. It may be quantised (`from_pretrained(..., quantization_config=
+        BitsAndBytesConfig(load_in_4bit=True))`): its packed weights stay as they are, and the model gets the LLM's
+        `is_loaded_in_4bit` / `is_loaded_in_8bit` flag (peft's QLoRA layers follow it).
     tokenizer: the LLM's tokenizer; modified in place: it gets the special token "<image>" if it lacks it, whose id
         becomes `config.image_token_id`. The LLM's embeddings grow when the tokenizer outgrows them.
     image_token_id: without a tokenizer, the placeholder id to use; default: a row appended to the LLM's embeddings.
@@ -293,8 +295,16 @@ def assemble_stage2_model(
             module._parameters[tensor_name] = nn.Parameter(tensor)
         else:
             module._buffers[tensor_name] = tensor
-    model.requires_grad_(True)
+    for parameter in model.parameters():
+        # Floating-point only: a quantised LLM's (bitsandbytes) packed integer weights cannot take gradients.
+        if parameter.is_floating_point():
+            parameter.requires_grad_(True)
     model._freeze_frozen_modules()
+    # A bitsandbytes LLM: flagged on the whole model as transformers flags the LLM, so that peft wraps its 4-bit /
+    # 8-bit linears with its bitsandbytes LoRA layers (which merge) and Trainer skips DataParallel.
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(language_model, flag, False):
+            setattr(model, flag, True)
     return model.eval()  # as from_pretrained returns a model; Trainer switches it to training
 
 

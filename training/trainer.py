@@ -195,10 +195,16 @@ def frozen_submodules(model: nn.Module) -> list[nn.Module]:
     return frozen
 
 
+# bitsandbytes' quantised weights (a 4-bit / 8-bit LLM): packed bytes, whatever dtype stores them
+# (`bnb_4bit_quant_storage=torch.bfloat16` stores 4-bit weights as bfloat16); casting them would corrupt them.
+QUANTIZED_PARAMETER_TYPES = ("Params4bit", "Int8Params")
+
+
 def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype) -> nn.Module:
-    """Frozen floating-point parameters to `frozen_dtype`, trainable ones to float32 (the optimiser's master weights)."""
+    """Frozen floating-point parameters to `frozen_dtype`, trainable ones to float32 (the optimiser's master weights).
+    Quantised weights (bitsandbytes' `Params4bit`, `Int8Params`) are left as they are."""
     for parameter in model.parameters():
-        if not parameter.is_floating_point():
+        if not parameter.is_floating_point() or type(parameter).__name__ in QUANTIZED_PARAMETER_TYPES:
             continue
         dtype = torch.float32 if parameter.requires_grad else frozen_dtype
         if parameter.dtype != dtype:
