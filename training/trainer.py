@@ -53,6 +53,17 @@ def decays(name: str, parameter: nn.Parameter, decay_scalars: bool = True) -> bo
 _TOWER_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
+# The module names that FSDP, activation checkpointing and torch.compile put in front of a parameter's name.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_parameter_name(name: str) -> str:
+    """A parameter's name without the wrappers' module names (FSDP, activation checkpointing, torch.compile)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def vision_layer_ids(vision_model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter of the tower numbered as LAVIS numbers the ViT's for its layer-wise learning-rate decay (the
     BEiT/EVA `get_num_layer`), and the tower's number of layers L: encoder layer k is k + 1, the parameters registered
@@ -368,6 +379,12 @@ class Blip2BridgeTrainer(Trainer):
         if model is not None and frozen_dtype is not None:
             cast_for_training(model, FROZEN_DTYPES[frozen_dtype])
         super().__init__(model, args, *pargs, **kwargs)
+        # Which parameter decays is decided on their shapes here, before any wrapping: FSDP (`use_orig_params`) shows
+        # the optimiser flattened 1-d views, on which the rule would decay nothing.
+        decay_scalars = getattr(self.args, "decay_scalar_parameters", True)
+        self._decays_by_name = {} if model is None else {
+            name: decays(name, parameter, decay_scalars) for name, parameter in model.named_parameters()
+        }
         # The stage-1 model returns its loss without labels; this lets `evaluate` report eval_loss.
         self.can_return_loss = True
         self._stage1_loss_sums: dict[str, torch.Tensor] = {}
@@ -395,8 +412,16 @@ class Blip2BridgeTrainer(Trainer):
     # ---- optimiser ------------------------------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The names (as `model` names them) of the parameters that decay (`decays`), judged on the shapes they had
+        when the Trainer was built: a wrapped model's names lose their wrapper prefixes for the look-up."""
         decay_scalars = getattr(self.args, "decay_scalar_parameters", True)
-        return [name for name, parameter in model.named_parameters() if decays(name, parameter, decay_scalars)]
+        names = []
+        for name, parameter in model.named_parameters():
+            original = unwrapped_parameter_name(name)
+            decides = self._decays_by_name.get(original)
+            if decides if decides is not None else decays(original, parameter, decay_scalars):
+                names.append(name)
+        return names
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimiser, with the trainable vision tower's own groups (`parameter_groups`) when the
