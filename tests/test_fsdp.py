@@ -113,11 +113,7 @@ def worker(out_dir: str):
 # sync_module_states / cpu_ram_efficient_loading (accelerate's plugin asks a CUDA-like device for them: "There are
 # currently no available devices found"; every process builds the same seeded model, so there is nothing to sync).
 CPU_OVERRIDES = ["--mixed_precision", "no"]
-FSDP_CPU_OVERRIDES = ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false",
-                      # Product bug: the stage-1 forward calls each layer's cross-attention key/value projections
-                      # outside the layer (Blip2BridgeQFormer.project_image), so with the shipped per-layer FSDP
-                      # units they see their sharded 1-D weights ("mat2 must be a matrix, got 1-D tensor").
-                      "--fsdp_auto_wrap_policy", "NO_WRAP"]
+FSDP_CPU_OVERRIDES = ["--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
 # Losses of the sharded runs against DDP's, per step. Measured: at most 5e-7 for FSDP, 0 for ZeRO-2 (fp32, the same
 # gloo reductions in another order); 1e-5, as tests/test_trainer_distributed.py allows for DDP against one process.
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
