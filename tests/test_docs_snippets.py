@@ -20,6 +20,7 @@ console script.
 """
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -110,6 +111,10 @@ SKIPPED = {
     "pip install": "sets up a venv and installs packages from the network (CI runs it: .ci/run)",
     "python -m pytest -q": "runs the whole suite, this file included (CI runs it: .ci/run)",
 }
+if importlib.util.find_spec("bitsandbytes") is None:
+    SKIPPED["BitsAndBytesConfig(load_in_4bit"] = (
+        "needs bitsandbytes, the quantization extra (CI installs it and runs this block: .ci/run)"
+    )
 
 
 # ---- tiny stand-ins for hub models and LAVIS files ------------------------------------------------------------------
