@@ -255,7 +255,7 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
         with timer.phase("CapFilt: the stage-1 model captions and filters its own training captions",
                          f"{CAPFILT_CAPTIONER.num_captions} sampled captions per image, the best kept if ITM calls it "
                          "a match"):
-            noisy_quality = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
+            noisy_quality = stage1_quality(stage1, trained_retrieval, test_embeds, qformer_tokenizer, test_scenes)
             stage1_data, capfilt_results = clean_corpus(
                 stage1, qformer_processor, corpus_file, true_captions, capfilt_folder / "filtered", settings.seed
             )
@@ -269,7 +269,9 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
             train_stage1(stage1_data, "stage1_filtered", "stage 1 (filtered captions)")
             trained_retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
             capfilt_results["noisy"] = noisy_quality
-            capfilt_results["filtered"] = stage1_quality(stage1, test_embeds, test_text, qformer_tokenizer, test_scenes)
+            capfilt_results["filtered"] = stage1_quality(
+                stage1, trained_retrieval, test_embeds, qformer_tokenizer, test_scenes
+            )
     for name in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
         metrics[f"retrieval {name}"] = {"untrained": untrained_retrieval[name], "trained": trained_retrieval[name]}
 
@@ -384,10 +386,10 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
     return results
 
 
-def stage1_quality(stage1, test_embeds, test_text, tokenizer, test_scenes) -> dict[str, float]:
-    """What CapFilt's comparison reads of a stage-1 model on the held-out scenes: retrieval recall at 1 and its own
-    decoder's captions (greedy; percent equal to the true caption, and CIDEr x100)."""
-    retrieval = evaluation.retrieval_recall(stage1, test_embeds, test_text)
+def stage1_quality(stage1, retrieval: dict, test_embeds, tokenizer, test_scenes) -> dict[str, float]:
+    """What CapFilt's comparison reads of a stage-1 model on the held-out scenes: its retrieval recall at 1 (`retrieval`,
+    as `evaluation.retrieval_recall` measured it) and its own decoder's captions (greedy; percent equal to the true
+    caption, and CIDEr x100)."""
     captions = qformer_captions(stage1, tokenizer, test_embeds)
     true_captions = [scene.caption for scene in test_scenes]
     cider = CaptionMetrics().compute(predictions=captions, references=[[caption] for caption in true_captions])
