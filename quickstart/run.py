@@ -387,9 +387,9 @@ def run_phases_logging_to(settings: QuickstartSettings, output_dir: Path, log_ro
 
 
 def stage1_quality(stage1, retrieval: dict, test_embeds, tokenizer, test_scenes) -> dict[str, float]:
-    """What CapFilt's comparison reads of a stage-1 model on the held-out scenes: its retrieval recall at 1 (`retrieval`,
-    as `evaluation.retrieval_recall` measured it) and its own decoder's captions (greedy; percent equal to the true
-    caption, and CIDEr x100)."""
+    """What CapFilt's comparison reads of a stage-1 model on the held-out scenes: its retrieval recall at 1
+    (`retrieval`, as `evaluation.retrieval_recall` measured it) and its own decoder's captions (greedy; percent equal to
+    the true caption, and CIDEr x100)."""
     captions = qformer_captions(stage1, tokenizer, test_embeds)
     true_captions = [scene.caption for scene in test_scenes]
     cider = CaptionMetrics().compute(predictions=captions, references=[[caption] for caption in true_captions])
