@@ -1,15 +1,9 @@
 """Names the tests use that differ between the transformers releases pyproject admits."""
 
-from dataclasses import fields
-
-from transformers import TrainingArguments
+from modeling_blip2.training.arguments import CHECKPOINTING_ARGUMENT
 
 # transformers 5.23 renamed gradient checkpointing to activation checkpointing (the old names warn from then on).
-ACTIVATION_CHECKPOINTING_ARGUMENT = (
-    "activation_checkpointing"
-    if "activation_checkpointing" in {field.name for field in fields(TrainingArguments)}
-    else "gradient_checkpointing"
-)
+ACTIVATION_CHECKPOINTING_ARGUMENT = CHECKPOINTING_ARGUMENT
 
 
 def enable_activation_checkpointing(model, **checkpoint_kwargs):

@@ -99,7 +99,7 @@ def parameter_groups(model: nn.Module, args: TrainingArguments, decay_parameter_
     tower_groups: dict[tuple[int, bool], dict] = {}
     layer_ids, num_layers = {}, 0
     decay_factor = getattr(args, "vision_layer_decay", 1.0)
-    if tower and decay_factor != 1.0 and not bridge.vision_model_is_frozen:
+    if tower and decay_factor != 1.0:
         layer_ids, num_layers = vision_layer_ids(bridge.vision_model)
     vision_lr = getattr(args, "vision_learning_rate", None)
     vision_lr = args.learning_rate if vision_lr is None else vision_lr
@@ -112,6 +112,7 @@ def parameter_groups(model: nn.Module, args: TrainingArguments, decay_parameter_
         if id(parameter) not in tower:
             rest[decays_here].append(parameter)
             continue
+        # Without layer decay every tower parameter is one depth: layer_ids is empty and the exponent is 0.
         layer_id = layer_ids.get(tower[id(parameter)], num_layers + 1)
         group = tower_groups.setdefault((layer_id, decays_here), {
             "params": [],
@@ -418,8 +419,10 @@ class Blip2BridgeTrainer(Trainer):
         names = []
         for name, parameter in model.named_parameters():
             original = unwrapped_parameter_name(name)
-            decides = self._decays_by_name.get(original)
-            if decides if decides is not None else decays(original, parameter, decay_scalars):
+            decided = self._decays_by_name.get(original)
+            if decided is None:  # a parameter added after the Trainer was built (e.g. LoRA): its own shape decides
+                decided = decays(original, parameter, decay_scalars)
+            if decided:
                 names.append(name)
         return names
 
