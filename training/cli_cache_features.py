@@ -42,7 +42,7 @@ def add_cache_features_command(subcommands) -> None:
     parser.add_argument("--seed", type=int, default=0, help="--views: seed of the crops (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per tower forward (default 32)")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per resumable shard (default 1024)")
-    parser.add_argument("--model-dtype", default="float32",
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype the tower computes in: float32 (default), bfloat16 or float16 (a cache made in "
                         "another dtype has another tower checksum)")
     parser.set_defaults(run=run_cache_features)

@@ -128,9 +128,10 @@ def unique_images(dataset, image_column: str = "image") -> list[tuple[str, objec
     A map-style dataset's image column is read at once (paths); a streamed one (webdataset shards) is iterated and its
     images (bytes) are held in memory until cached: cache a web-scale corpus shard by shard."""
     if hasattr(dataset, "column_names") and hasattr(dataset, "__len__") and image_column in (dataset.column_names or []):
-        rows = ({image_column: image} for image in dataset[image_column])
         if "__key__" in dataset.column_names:
             rows = ({image_column: image, "__key__": key} for image, key in zip(dataset[image_column], dataset["__key__"]))
+        else:
+            rows = ({image_column: image} for image in dataset[image_column])
     else:
         rows = iter(dataset)
     images = {}
@@ -250,12 +251,8 @@ def cache_features(
             features.update(zip(keys, batch))
         return features
 
-    was_training = model.training
-    model.eval()
-    try:
-        map_shards(accelerator, output_dir / SHARD_FOLDER, len(entries), shard_size, compute, SHARD_STORAGE)
-    finally:
-        model.train(was_training)
+    # The tower is frozen (checked above), so it computes in eval mode whatever the model's mode (run_vision_tower).
+    map_shards(accelerator, output_dir / SHARD_FOLDER, len(entries), shard_size, compute, SHARD_STORAGE)
     if not accelerator.is_main_process:
         return None
     cache = FeatureCache(output_dir)
