@@ -46,7 +46,7 @@ class RandomBatches(Dataset):
 
     def __getitem__(self, index):
         return {
-            name: value + index if name in ("image_embeds", "pixel_values") else value
+            name: value + index if name in ("image_embeds", "pixel_values", "vision_features") else value
             for name, value in self.sample.items()
         }
 
@@ -111,7 +111,7 @@ def stage2_small():
     return Blip2BridgeForConditionalGeneration(config), sample, shapes["batch_size"]
 
 
-def measure(model, sample: dict, batch_size: int, steps: int, warmup: int, cuda: bool) -> dict:
+def measure(model, sample: dict, batch_size: int, steps: int, warmup: int, cuda: bool, loader_workers: int = 0) -> dict:
     from modeling_blip2 import Blip2BridgeTrainer
     from modeling_blip2.training import Blip2BridgeTrainingArguments
 
@@ -120,7 +120,7 @@ def measure(model, sample: dict, batch_size: int, steps: int, warmup: int, cuda:
             output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=warmup + steps,
             learning_rate=1e-4, weight_decay=0.05, logging_steps=10**6, save_strategy="no", report_to="none",
             disable_tqdm=True, use_cpu=not cuda, bf16=cuda, frozen_dtype="bfloat16" if cuda else None,
-            dataloader_num_workers=0,
+            dataloader_num_workers=loader_workers, dataloader_pin_memory=cuda,
         )
         timer = StepTimer(warmup, synchronize=cuda)
         trainer = Blip2BridgeTrainer(model=model, args=args, callbacks=[timer],
@@ -148,6 +148,7 @@ OPT_2_7B = dict(model_type="opt", vocab_size=50272, hidden_size=2560, num_hidden
                 bos_token_id=2, eos_token_id=2)
 OPT_IMAGE_TOKEN_ID = 50265  # the first unused row of OPT's padded vocabulary, as transformers' BLIP-2 checkpoints
 GPU_BATCH = {1: 256, 2: 128}
+GPU_LOADER_WORKERS = 4
 
 
 def eva_vit_g() -> dict:
@@ -162,8 +163,9 @@ def gpu_text(vocab_low: int, vocab_high: int, first_token: int, generator: torch
     return input_ids
 
 
-def ours_gpu(stage: int, device: torch.device):
-    """Our model of the GPU shapes and one sample (CPU tensors, batched by the Trainer's collator)."""
+def ours_gpu(stage: int, device: torch.device, cached_features: bool = False):
+    """Our model of the GPU shapes and one sample (CPU tensors, batched by the Trainer's collator). With
+    `cached_features`, the sample holds the tower's output in bf16 (what `--feature_cache` reads) instead of pixels."""
     from modeling_blip2 import Blip2BridgeConfig, Blip2BridgeForConditionalGeneration, Blip2BridgeModel
 
     tower = eva_vit_g()
@@ -175,6 +177,11 @@ def ours_gpu(stage: int, device: torch.device):
                                    embed_dim=GPU_EMBED_DIM, vision_feature_layer=-1)
         input_ids = gpu_text(1000, DEC_TOKEN_ID, 101, generator)  # [CLS] first
         sample = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if cached_features:
+            image_length = (tower["image_size"] // tower["patch_size"]) ** 2 + 1
+            sample["vision_features"] = torch.randn(image_length, tower["hidden_size"], generator=generator,
+                                                    dtype=torch.bfloat16)
+            del sample["pixel_values"]
         with device:  # initialised where it trains: a ViT-g's random init takes minutes on a CPU
             return Blip2BridgeModel(config), sample
     config = Blip2BridgeConfig(vision_config=tower, qformer_config=dict(qformer, use_text_input=False),
@@ -203,12 +210,18 @@ def step_flops(model, device: torch.device, *args, **kwargs) -> float:
     return float(counter.get_total_flops())
 
 
-def run_ours_gpu(stage: int, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def run_ours_gpu(stage: int, batch_size: int, steps: int, warmup: int, device: torch.device,
+                 cached_features: bool = False) -> dict:
     torch.manual_seed(0)
-    model, sample = ours_gpu(stage, device)
-    result = measure(model, sample, batch_size, steps, warmup, cuda=device.type == "cuda")
+    model, sample = ours_gpu(stage, device, cached_features)
+    # Batches are assembled by loader processes, as a GPU run's are: the GPU does not wait for 256 images to be
+    # stacked on the CPU between steps.
+    result = measure(model, sample, batch_size, steps, warmup, cuda=device.type == "cuda",
+                     loader_workers=GPU_LOADER_WORKERS)
     batch = {name: value.unsqueeze(0).expand(batch_size, *value.shape).to(device) for name, value in sample.items()}
-    batch["pixel_values"] = batch["pixel_values"] + torch.arange(batch_size, device=device)[:, None, None, None]
+    image_input = "vision_features" if cached_features else "pixel_values"
+    shift = torch.arange(batch_size, device=device).view(-1, *[1] * sample[image_input].dim())
+    batch[image_input] = batch[image_input] + shift
     model.train()
     result["tflop_per_step"] = step_flops(model, device, **batch) / 1e12
     return result
@@ -296,8 +309,8 @@ def gpu_worker(implementation: str, stage: int, batch_size: int, steps: int, war
     """One measurement in this process; prints a JSON line (or the out-of-memory batch size)."""
     try:
         device = torch.device("cuda")
-        if implementation == "ours":
-            result = run_ours_gpu(stage, batch_size, steps, warmup, device)
+        if implementation.startswith("ours"):
+            result = run_ours_gpu(stage, batch_size, steps, warmup, device, implementation == "ours, cached features")
         else:
             result = run_lavis_gpu(stage, batch_size, steps, warmup, lavis, device)
     except torch.cuda.OutOfMemoryError:
@@ -328,10 +341,12 @@ def run_gpu_measurement(implementation: str, stage: int, batch_size: int, args) 
 
 def gpu_measurements(args) -> list[dict]:
     peak = peak_tflops(args.peak_tflops)
-    implementations = ["ours"] + (["original"] if args.lavis else [])
     rows = []
     for stage in args.gpu_stage:
         batch_size = args.gpu_batch or GPU_BATCH[stage]
+        # Stage 1 also from cached tower features (`blip2-bridge cache-features`), the tower's pass left out.
+        implementations = (["ours"] + (["ours, cached features"] if stage == 1 else [])
+                           + (["original"] if args.lavis else []))
         for implementation in implementations:
             result = run_gpu_measurement(implementation, stage, batch_size, args)
             batch_size = result["batch_size"]  # the original runs at the batch ours fitted
@@ -350,12 +365,14 @@ def gpu_measurements(args) -> list[dict]:
             if "mfu_percent" in result:
                 line += f", MFU {result['mfu_percent']:.1f}% of {peak:.0f} TFLOP/s"
             print(line, flush=True)
-        ours, original = (next((row for row in rows if row["stage"] == stage and row["implementation"] == name
-                                and "samples_per_s" in row), None) for name in ("ours", "original"))
-        if ours and original:
-            print(f"GPU bf16 stage {stage}: ours {ours['samples_per_s'] / original['samples_per_s']:.2f}x the "
-                  f"original's samples/s at batch {ours['batch_size']}/{original['batch_size']}, peak memory "
-                  f"{ours['peak_gpu_memory_gb'] / original['peak_gpu_memory_gb']:.2f}x", flush=True)
+        original = next((row for row in rows if row["stage"] == stage and row["implementation"] == "original"
+                         and "samples_per_s" in row), None)
+        for row in rows:
+            if original and row["stage"] == stage and row["implementation"] != "original" and "samples_per_s" in row:
+                speedup = row["samples_per_s"] / original["samples_per_s"]
+                print(f"GPU bf16 stage {stage}: {row['implementation']} {speedup:.2f}x the original's samples/s at "
+                      f"batch {row['batch_size']}/{original['batch_size']}, peak memory "
+                      f"{row['peak_gpu_memory_gb'] / original['peak_gpu_memory_gb']:.2f}x", flush=True)
     return rows
 
 
@@ -368,7 +385,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-stage", type=int, nargs="*", default=[1, 2], choices=[1, 2],
                         help="GPU stages to run (with a CUDA device)")
     parser.add_argument("--gpu-batch", type=int, help=f"GPU batch size (default: {GPU_BATCH}, halved on OOM)")
-    parser.add_argument("--lavis", help="a salesforce-lavis wheel or unpacked folder: also time the original on the GPU")
+    parser.add_argument("--lavis", help="a salesforce-lavis wheel or unpacked folder: time the original on the GPU too")
     parser.add_argument("--peak-tflops", type=float, help="GPU dense bf16 peak, for MFU (default: known GPUs)")
     parser.add_argument("--json", help="write the GPU measurements to this file")
     parser.add_argument("--gpu-worker", help=argparse.SUPPRESS)
