@@ -163,6 +163,12 @@ EVA_QKV_BIAS = Transform(
     apply=lambda tensors, target_shapes: [torch.cat([tensors[0], torch.zeros_like(tensors[1]), tensors[1]])],
 )
 
+# LAVIS's 0-d ITC temperature becomes our 1-element vector.
+SCALAR_TO_VECTOR = Transform(
+    source_shapes=lambda target_shapes: [()],
+    apply=lambda tensors, target_shapes: [tensors[0].reshape(target_shapes[0])],
+)
+
 
 @dataclass(frozen=True)
 class WeightRule:
@@ -587,7 +593,7 @@ def lavis_weight_rules(
         *copy_module_rules("vision_proj", "vision_proj"),
         *copy_module_rules("text_proj", "text_proj"),
         *copy_module_rules("itm_head", "itm_head"),
-        copy_rule("temp", "temp"),
+        WeightRule(("temp",), ("temp",), SCALAR_TO_VECTOR),
     ]
 
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
@@ -31,6 +33,24 @@ from .transformers_formats import BLIP2_RETRIEVAL_ARCHITECTURE, NOT_IN_BLIP2_RET
 
 
 logger = logging.get_logger(__name__)
+
+
+class ScalarTemperature(ConversionOps):
+    """`from_pretrained` reads the 0-d `temp` of a file (LAVIS's shape, and ours on disk) into the model's 1-element
+    vector; `save_pretrained` runs the reverse and writes it 0-d again."""
+
+    def __init__(self, shape: tuple[int, ...] = (1,)):
+        self.shape = shape
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        (tensors,) = input_dict.values()
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(self.shape)}
+
+    @property
+    def reverse_op(self) -> "ScalarTemperature":
+        return ScalarTemperature(() if self.shape == (1,) else (1,))
 
 @dataclass
 class Blip2BridgeModelOutput(ModelOutput):
@@ -201,8 +221,17 @@ class Blip2BridgeModel(Blip2BridgeImageQueryModel):
         self.text_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(qformer_config.hidden_size, 2)
         self.itg_head = Blip2BridgeTextPredictionHead(qformer_config)
-        self.temp = nn.Parameter(torch.tensor(config.initial_temperature))
+        # One number, held as a 1-element vector: FSDP refuses 0-d parameters ("FSDP doesn't support scalar
+        # parameters") and DeepSpeed cannot broadcast them. Files keep LAVIS's 0-d `temp` (`ScalarTemperature`).
+        self.temp = nn.Parameter(torch.full((1,), config.initial_temperature))
         self.post_init()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A 0-d `temp` (a saved model, a Trainer checkpoint, the LAVIS converter) loads into the 1-element vector.
+        key = prefix + "temp"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # transformers' Blip2ForImageTextRetrieval folders load too (`transformers_formats.converted_config`); that format
     # holds no ITC temperature and no ITG head: they are initialised as the original initialises them (`temp` =
@@ -711,3 +740,11 @@ class Blip2BridgeCaptionDecoder(Blip2BridgePreTrainedModel, GenerationMixin):
             "position_ids": position_ids,
             "use_cache": True,
         }
+
+
+# overwrite: the module may be imported twice in one process (installed, and as a Hub folder's remote code).
+register_checkpoint_conversion_mapping(
+    Blip2BridgeModel.__name__,
+    [WeightConverter(source_patterns="temp", target_patterns="temp", operations=[ScalarTemperature()])],
+    overwrite=True,
+)

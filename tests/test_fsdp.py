@@ -4,8 +4,9 @@ negatives spanning both processes.
 
 Each run is `accelerate launch --config_file <shipped yaml> --num_processes 2 --mixed_precision no` of this file
 as a script (`worker` below), so the launcher turns the yaml into the environment the Trainer reads. What differs from
-a GPU run, and why, is written where it is done: `shard_on_cpu` (accelerate has no CPU FSDP path), `FSDP_CPU_OVERRIDES`
-and the worker's 1-d `temp` (a product bug, worked around so that the rest can be compared).
+a GPU run, and why, is written where it is done: `shard_on_cpu` (accelerate has no CPU FSDP path) and
+`FSDP_CPU_OVERRIDES`. The model trains as built, its ITC temperature included (a 1-element vector, which both
+sharders take; a 0-d one they refuse).
 """
 
 import importlib.util
@@ -84,10 +85,6 @@ def worker(out_dir: str):
 
     stage1_module.sample_hard_negatives = recording_sampler
     model, collator = stage1_setup()
-    # Product bug: the ITC temperature `temp` is a 0-d parameter, which FSDP refuses ("FSDP doesn't support scalar
-    # parameters. Change temp to a 1D tensor with numel equal to 1.") and DeepSpeed cannot broadcast ("self.dim()
-    # cannot be 0 to view Float as Byte"). Same value, shape (1,), in every run, DDP's included.
-    model.temp = torch.nn.Parameter(model.temp.detach().reshape(1))
     itc_shapes = []
     model.register_forward_hook(lambda module, args, output: itc_shapes.append(list(output.logits_per_image.shape)))
     # Weight decay on, so that the runs also compare which parameters decay (`decays`, judged before FSDP flattens them).

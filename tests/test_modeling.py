@@ -629,3 +629,35 @@ def test_image_ids_of_the_wrong_shape_are_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"image_ids has shape \(4, 1\); expected \(4,\)"):
         model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
               image_ids=torch.arange(4)[:, None], return_loss=True)
+
+
+def test_the_temperature_is_a_one_element_vector_written_0d_and_read_from_either_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.temp.fill_(0.05)
+    # FSDP refuses 0-d parameters and DeepSpeed cannot broadcast them.
+    assert model.temp.shape == (1,)
+    model.save_pretrained(tmp_path / "saved")
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    assert weights["temp"].shape == () and weights["temp"].item() == pytest.approx(0.05)  # LAVIS's shape on disk
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    batch = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits_per_image
+    reloaded = Blip2BridgeModel.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
+    assert reloaded.temp.shape == (1,) and reloaded.temp.item() == pytest.approx(0.05)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits_per_image, expected, rtol=0, atol=0)
+    # A file holding a 1-element temp loads as well.
+    (tmp_path / "vector").mkdir()
+    model.config.save_pretrained(tmp_path / "vector")
+    save_file({**weights, "temp": torch.tensor([0.04])}, tmp_path / "vector" / "model.safetensors",
+              metadata={"format": "pt"})
+    assert Blip2BridgeModel.from_pretrained(tmp_path / "vector").temp.tolist() == pytest.approx([0.04])
+    # load_state_dict (Trainer checkpoints, the LAVIS converter) takes either shape too.
+    for temp in (torch.tensor(0.03), torch.tensor([0.03])):
+        fresh = tiny_model(seed=1)
+        fresh.load_state_dict({**model.state_dict(), "temp": temp})
+        assert fresh.temp.shape == (1,) and fresh.temp.item() == pytest.approx(0.03)

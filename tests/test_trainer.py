@@ -1,6 +1,7 @@
 """Blip2BridgeTrainer: what reaches the optimiser, the recipe's schedule, per-loss logging, frozen parts that stay
 frozen (weights, eval mode, dtype), gradient checkpointing, PEFT, and tiny runs of both stages that learn."""
 
+import logging
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 import modeling_blip2
 from modeling_blip2 import Blip2BridgeTrainer
 from modeling_blip2.training import accelerate_config_path, blip2_training_arguments, build_trainer
-from modeling_blip2.training.trainer import decays, training_stage
+from modeling_blip2.training.trainer import decays, training_stage, warn_if_fsdp_was_dropped
 from tests.transformers_versions import ACTIVATION_CHECKPOINTING_ARGUMENT
 from tests.trainer_helpers import (
     Stage2Captions,
@@ -64,14 +65,15 @@ def test_optimizer_holds_exactly_the_trainable_parameters_grouped_by_the_origina
     assert decay_group["betas"] == (0.9, 0.999) and decay_group["lr"] == 1e-4
     decaying = {id(p) for p in decay_group["params"]}
     names = dict(model.named_parameters())
-    # 1-d parameters and biases do not decay; the 0-d temperature and the 3-d query tokens do.
+    # 1-d parameters and biases do not decay; the temperature (a scalar, held as a 1-element vector) and the 3-d query
+    # tokens do.
     assert id(names["query_tokens"]) in decaying
     assert id(names["qformer.layer.0.crossattention.query.weight"]) in decaying
     assert id(names["qformer.layer.0.crossattention.query.bias"]) not in decaying
     assert id(names["qformer.layernorm.weight" if "qformer.layernorm.weight" in names else
                      "qformer.layer.0.attention.LayerNorm.weight"]) not in decaying
     if stage == 1:
-        assert id(names["temp"]) in decaying and names["temp"].ndim == 0
+        assert id(names["temp"]) in decaying and names["temp"].shape == (1,)
         assert id(names["vision_layernorm.weight"]) not in decaying
     else:
         assert id(names["language_projection.weight"]) in decaying
@@ -284,3 +286,20 @@ def test_shipped_accelerate_configs_load_with_accelerate(name, distributed_type)
         assert config.deepspeed_config["zero_stage"] == 2
     with pytest.raises(ValueError, match="'zero3'"):
         accelerate_config_path("zero3")
+
+
+@pytest.mark.parametrize(
+    "asked, distributed_type, warns",
+    [("true", "MULTI_CPU", True), ("true", "NO", True), ("true", "FSDP", False), ("false", "MULTI_CPU", False)],
+)
+def test_an_fsdp_config_that_accelerate_runs_without_fsdp_is_named(monkeypatch, caplog, asked, distributed_type,
+                                                                      warns):
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", asked)
+    with caplog.at_level(logging.WARNING, logger="modeling_blip2.training.trainer"):
+        warn_if_fsdp_was_dropped(DistributedType[distributed_type])
+    if warns:
+        assert f"asks for FSDP, but accelerate runs {DistributedType[distributed_type].value}" in caplog.text
+    else:
+        assert caplog.text == ""

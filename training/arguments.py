@@ -58,7 +58,7 @@ class Blip2BridgeTrainingArguments(TrainingArguments):
         `bf16=True`/`fp16=True` so the Q-Former computes under autocast while its master weights stay float32.
     frozen_modules_eval: keep every frozen sub-module (no trainable parameter) in eval mode while training, so the
         frozen LLM's dropout is off. The vision encoder is kept in eval mode by the model itself.
-    decay_scalar_parameters: apply weight decay to 0-d parameters (the ITC temperature `temp`), as LAVIS's
+    decay_scalar_parameters: apply weight decay to scalar parameters (the ITC temperature `temp`), as LAVIS's
         `Blip2Base.get_optimizer_params` does for ViT-g models; False exempts them, as LAVIS's runner did when BLIP-2
         was released (`p.ndim < 2`). 1-d parameters and biases never decay (`training.trainer.decays`).
     cosine_decay_per_epoch: the original's schedule (LAVIS `LinearWarmupCosineLRScheduler`) instead of a per-step
@@ -90,7 +90,7 @@ class Blip2BridgeTrainingArguments(TrainingArguments):
     decay_scalar_parameters: bool = field(
         default=True,
         metadata={
-            "help": "weight decay on 0-d parameters (the temperature temp), as LAVIS's Blip2Base.get_optimizer_params; "
+            "help": "weight decay on scalar parameters (the temperature temp), as LAVIS's Blip2Base.get_optimizer_params; "
             "false: exempt them, as the LAVIS runner of BLIP-2's release (p.ndim < 2)"
         },
     )

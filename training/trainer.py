@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
@@ -38,12 +39,23 @@ logger = logging.getLogger(__name__)
 STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_itg")
 
 
+def warn_if_fsdp_was_dropped(distributed_type: DistributedType) -> None:
+    """accelerate (1.15) turns an accelerate config's FSDP on only for accelerator devices: on a CPU-only machine it
+    trains with DDP instead, every process holding the whole model, and says nothing."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and distributed_type != DistributedType.FSDP:
+        logger.warning(
+            f"the accelerate config asks for FSDP, but accelerate runs {distributed_type.value} (it shards with FSDP "
+            "only on accelerator devices, and this machine has none): every process holds the whole model"
+        )
+
+
 def decays(name: str, parameter: nn.Parameter, decay_scalars: bool = True) -> bool:
     """The weight-decay rule of LAVIS's `Blip2Base.get_optimizer_params` (ViT-g models): no decay on 1-d parameters
-    (norms) and biases; everything else decays, the 0-d temperature `temp` and the 3-d query tokens included.
-    `decay_scalars=False` also exempts 0-d parameters (`temp`), as LAVIS's runner did when BLIP-2 was released
-    (`p.ndim < 2`); docs/training.md gives both sources."""
-    if parameter.ndim == 0:
+    (norms) and biases; everything else decays, the temperature `temp` and the 3-d query tokens included.
+    `decay_scalars=False` also exempts scalars (`temp`), as LAVIS's runner did when BLIP-2 was released
+    (`p.ndim < 2`); docs/training.md gives both sources. A scalar is a parameter of one element: LAVIS's 0-d `temp` is
+    ours as a 1-element vector, which FSDP and DeepSpeed can shard."""
+    if parameter.numel() == 1:
         return decay_scalars
     return parameter.ndim != 1 and not name.endswith("bias")
 
@@ -380,6 +392,7 @@ class Blip2BridgeTrainer(Trainer):
         if model is not None and frozen_dtype is not None:
             cast_for_training(model, FROZEN_DTYPES[frozen_dtype])
         super().__init__(model, args, *pargs, **kwargs)
+        warn_if_fsdp_was_dropped(self.accelerator.distributed_type)
         # Which parameter decays is decided on their shapes here, before any wrapping: FSDP (`use_orig_params`) shows
         # the optimiser flattened 1-d views, on which the rule would decay nothing.
         decay_scalars = getattr(self.args, "decay_scalar_parameters", True)
