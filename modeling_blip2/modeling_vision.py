@@ -211,9 +211,13 @@ class Blip2BridgeImageQueryModel(Blip2BridgePreTrainedModel):
                 **tower_options,
             )
         features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
-        # Asked for by the feature layer only, or some of them only.
-        outputs.hidden_states = select_hidden_states(outputs.hidden_states if output_hidden_states else None,
-                                                     output_hidden_states)
+        # Asked for by the feature layer only, or some of them only. Not set to None: a ModelOutput keeps a field set to
+        # None in its mapping, where accelerate's mixed precision copies every tensor to float32 (a ViT-g's 40 hidden
+        # states at batch 256: 15 GB) and the model's output would hold them all until it is dropped.
+        hidden_states = select_hidden_states(outputs.hidden_states if output_hidden_states else None,
+                                             output_hidden_states)
+        fields = {name: value for name, value in outputs.items() if name != "hidden_states"}
+        outputs = type(outputs)(**fields, **({} if hidden_states is None else {"hidden_states": hidden_states}))
         return features, outputs
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,24 @@ def test_return_dict_false_gives_the_outputs_fields_as_a_tuple():
     assert isinstance(qformer_tuple, tuple) and qformer_tuple[0].shape == (*input_ids.shape, 32)
 
 
+def test_the_towers_hidden_states_are_in_the_output_only_when_asked_for():
+    """The tower runs with output_hidden_states to read its feature layer; the rest must not stay in the output, where
+    accelerate's mixed precision would copy every one to float32 (15 GB for a ViT-g at batch 256)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = tiny_model().eval()
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    with torch.no_grad():
+        plain = convert_outputs_to_fp32(model.forward)(**inputs)
+        asked = model(**inputs, output_hidden_states=True)
+    assert list(plain.vision_model_output.keys()) == ["last_hidden_state", "pooler_output"]
+    tower_tensors = [value for value in plain.vision_model_output.to_tuple() if torch.is_tensor(value)]
+    assert len(tower_tensors) == 2
+    num_layers = model.config.vision_config.num_hidden_layers
+    assert len(asked.vision_model_output.hidden_states) == num_layers + 1  # the embeddings' output, then each layer's
+
+
 def test_stage1_forward_refuses_labels_and_unknown_arguments():
     model = tiny_model().eval()
     pixel_values, input_ids, attention_mask = tiny_batch()
