@@ -245,6 +245,7 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         query_length: int = 0,
         plan: LayerPlan = EVERY_ROW,
         output_attentions: bool = False,
+        project_image: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Self-attention over every position, cross-attention for the queries, a feed-forward for each side.
 
@@ -252,7 +253,13 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         weights only with `output_attentions`. Tensors that need gradients come and go as flat positional tensors:
         reentrant gradient checkpointing tracks no tensor nested in a tuple. The layer only reads the cache, so a
         recomputation in backward cannot write it twice.
+
+        project_image: `hidden_states` are image features; returns this layer's cross-attention keys and values of them
+        (`Blip2BridgeQFormerAttention.project_key_value`). Projected through the layer's own call, so that an FSDP
+        unit per layer gathers the weights it uses.
         """
+        if project_image:
+            return self.crossattention.project_key_value(hidden_states)
         attention_output, new_key_value, self_attention_weights = self.attention(
             hidden_states,
             plan.attention_mask,
@@ -358,10 +365,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
         """
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # from a tower that may compute in half precision
-        return [
-            layer.crossattention.project_key_value(image_embeds) if layer.has_cross_attention else None
-            for layer in self.layer
-        ]
+        return [layer(image_embeds, project_image=True) if layer.has_cross_attention else None for layer in self.layer]
 
     def get_input_embeddings(self):
         return getattr(self, "word_embeddings", None)

@@ -98,6 +98,7 @@ def worker(out_dir: str):
         "distributed_type": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
         "fsdp_units": fsdp_units(trainer.model_wrapped),
+        "qformer_layers": model.config.qformer_config.num_hidden_layers,
         "itc_shapes": itc_shapes,
         "draws": draws,
         # What the Trainer's weight-decay rule picks among the parameters the optimiser was built from.
@@ -189,7 +190,8 @@ def test_ddp_config_trains_with_the_itc_gather_and_itm_negatives_over_both_proce
 def test_fsdp_config_trains_sharded_with_the_losses_of_ddp(fsdp, ddp):
     assert [record["wrapper"] for record in fsdp] == ["FullyShardedDataParallel"] * WORLD_SIZE
     assert [record["distributed_type"] for record in fsdp] == ["DistributedType.FSDP"] * WORLD_SIZE
-    assert fsdp[0]["fsdp_units"] == ["Blip2BridgeModel"]
+    # One unit per Q-Former layer, inside the root unit.
+    assert fsdp[0]["fsdp_units"] == ["Blip2BridgeModel"] + ["Blip2BridgeQFormerLayer"] * fsdp[0]["qformer_layers"]
     print("fsdp - ddp, max over steps:", differences(fsdp, ddp))
     assert_trained_like_ddp(fsdp, ddp)
 

@@ -280,8 +280,9 @@ def test_shipped_accelerate_configs_load_with_accelerate(name, distributed_type)
 
     config = ClusterConfig.from_yaml_file(accelerate_config_path(name))
     assert (config.distributed_type.name, config.mixed_precision, config.num_machines) == (distributed_type, "bf16", 1)
-    if name == "fsdp":  # one unit: per-layer units would see project_image's weights sharded (tests/test_fsdp.py)
-        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "NO_WRAP"
+    if name == "fsdp":  # a unit per Q-Former layer (tests/test_fsdp.py trains with them)
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Blip2BridgeQFormerLayer"
     if name == "deepspeed_zero2":
         assert config.deepspeed_config["zero_stage"] == 2
     with pytest.raises(ValueError, match="'zero3'"):
