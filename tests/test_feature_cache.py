@@ -139,6 +139,21 @@ def test_vision_features_beside_another_image_input_or_of_the_wrong_width_are_re
     torch.testing.assert_close(model.get_image_embeds(vision_features=features), model.vision_layernorm(features))
 
 
+def test_vision_features_are_refused_while_the_tower_trains_and_taken_again_once_it_is_frozen():
+    model, _ = stage1_model_and_processor()
+    features, input_ids = torch.randn(2, 5, 24), torch.tensor([[2, 5, 3], [2, 6, 3]])
+    model.train()
+    model.vision_model.requires_grad_(True)  # fine-tuning the tower (docs/training.md): cached features are stale
+    with pytest.raises(ValueError, match="vision_features given while the vision tower trains"):
+        model(vision_features=features, input_ids=input_ids)
+    model.eval()  # scoring with an unfrozen tower reads the features as given
+    expected = model.vision_layernorm(features)
+    torch.testing.assert_close(model.get_image_embeds(vision_features=features), expected)
+    model.train()
+    model.vision_model.requires_grad_(False)
+    assert torch.isfinite(model(vision_features=features, input_ids=input_ids).loss)
+
+
 def test_a_cache_of_another_feature_layer_image_size_or_tower_weights_is_refused_naming_the_field(images, tmp_path):
     model, processor = stage1_model_and_processor()
     cache_features(model, images[:3], tmp_path / "cache", processor.image_processor)
@@ -219,13 +234,13 @@ def test_cache_features_command_then_train_with_feature_cache_changes_vision_lay
 
     train = ["train", "--stage", "1", "--model_name_or_path", str(model_dir), "--annotation_files",
              str(annotation_file), "--image_root", image_root, "--feature_cache", str(cache_dir), "--output_dir",
-             str(output_dir), "--per_device_train_batch_size", "4", "--max_steps", "1", "--learning_rate", "1e-2",
+             str(output_dir), "--per_device_train_batch_size", "8", "--max_steps", "1", "--learning_rate", "1e-2",
              "--lr_scheduler_type", "constant", "--save_strategy", "no", "--use_cpu", "--report_to", "none"]
     assert main(train) == 0
     summary = json.loads((output_dir / "train_summary.json").read_text())
-    assert summary["steps"] == 1 and summary["samples"] >= 3
-    # the truncated image's caption, when collated, is skipped as missing from the cache
-    assert summary["skipped_samples"] == summary["skipped_by_reason"]["missing file"] <= 1
+    # One step of all eight captions: the truncated image's one caption is skipped as missing from the cache.
+    assert (summary["steps"], summary["samples"]) == (1, 7)
+    assert summary["skipped_samples"] == summary["skipped_by_reason"]["missing file"] == 1
     trained = Blip2BridgeModel.from_pretrained(output_dir)
     change = (trained.vision_layernorm.weight - initial.vision_layernorm.weight).abs().max().item()
     assert change > 1e-3  # AdamW moves each weight by about the learning rate on its first step
