@@ -178,6 +178,18 @@ class PretokenizedText:
         return self.batch
 
 
+def lavis_eva_vit(lavis, tower: dict, dtype: torch.dtype, drop_path_rate: float = 0.0,
+                  use_checkpoint: bool = False) -> nn.Module:
+    """LAVIS's EVA `VisionTransformer` of `tower`'s shape (our vision-config fields) with random weights, in `dtype`,
+    as `create_eva_vit_g` builds it (its `mlp_ratio` is 4.3637 for 6144 units of width 1408: `int()` truncates)."""
+    return lavis.eva_vit.VisionTransformer(
+        img_size=tower["image_size"], patch_size=tower["patch_size"], use_mean_pooling=False,
+        embed_dim=tower["hidden_size"], depth=tower["num_hidden_layers"], num_heads=tower["num_attention_heads"],
+        mlp_ratio=(tower["intermediate_size"] + 0.5) / tower["hidden_size"], qkv_bias=True,
+        drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_checkpoint=use_checkpoint,
+    ).to(dtype)
+
+
 def _patch_builders(lavis, tower: dict, qformer: dict, tokenizer: "PretokenizedText", tower_dtype: torch.dtype):
     """Blip2Base's builders, with random weights of the given shapes instead of downloaded ones: an EVA ViT
     (LAVIS's `VisionTransformer`, frozen and cast to `tower_dtype` as `vit_precision` does) and a Q-Former of
@@ -185,12 +197,8 @@ def _patch_builders(lavis, tower: dict, qformer: dict, tokenizer: "PretokenizedT
     blip2, qformer_module = lavis.blip2, lavis.qformer
 
     def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
-        visual_encoder = lavis.eva_vit.VisionTransformer(
-            img_size=img_size, patch_size=tower["patch_size"], use_mean_pooling=False, embed_dim=tower["hidden_size"],
-            depth=tower["num_hidden_layers"], num_heads=tower["num_attention_heads"],
-            mlp_ratio=tower["intermediate_size"] / tower["hidden_size"], qkv_bias=True, drop_path_rate=drop_path_rate,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_checkpoint=use_grad_checkpoint)
-        visual_encoder.to(tower_dtype)
+        visual_encoder = lavis_eva_vit(lavis, dict(tower, image_size=img_size), tower_dtype, drop_path_rate,
+                                       use_grad_checkpoint)
         return visual_encoder, blip2.LayerNorm(visual_encoder.num_features)
 
     # transformers 5's init_weights needs post_init(), which the transformers-4 code never calls: initialise as
