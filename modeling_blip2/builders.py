@@ -305,7 +305,27 @@ def assemble_stage2_model(
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(language_model, flag, False):
             setattr(model, flag, True)
+    quantization = getattr(language_model.config, "quantization_config", None)
+    if quantization is not None:
+        model.config.quantization_config = quantization_of_llm_only(quantization, language_model)
     return model.eval()  # as from_pretrained returns a model; Trainer switches it to training
+
+
+# What a quantised LLM's stage-2 model holds beside the LLM: saved and loaded in full precision.
+NOT_QUANTISED_MODULES = ["vision_model", "vision_layernorm", "qformer", "language_projection"]
+
+
+def quantization_of_llm_only(quantization, language_model: PreTrainedModel) -> dict:
+    """The LLM's quantisation config for the whole stage-2 model: from_pretrained reads a top-level one before the
+    text_config's, and with this one it quantises the LLM's linears again and nothing else. Without it, the LLM's
+    config (saved in text_config) makes it quantise every linear, the tower's and the projection's included, whose
+    saved weights are full precision."""
+    config = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+    # What the LLM's own loading left unquantised (its LM head, by transformers' default), then the bridge.
+    llm_skipped = getattr(getattr(language_model, "hf_quantizer", None), "modules_to_not_convert", None)
+    skipped = list(config.get("llm_int8_skip_modules") or llm_skipped or [])
+    config["llm_int8_skip_modules"] = skipped + [name for name in NOT_QUANTISED_MODULES if name not in skipped]
+    return config
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ if _CPU_ERROR is not None:
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, OPTConfig, OPTForCausalLM  # noqa: E402
 
-from modeling_blip2 import Blip2BridgeModel, Blip2BridgeTrainer  # noqa: E402
+from modeling_blip2 import Blip2BridgeForConditionalGeneration, Blip2BridgeModel, Blip2BridgeTrainer  # noqa: E402
 from modeling_blip2.builders import build_stage2_model  # noqa: E402
 from modeling_blip2.training.trainer import cast_for_training  # noqa: E402
 from tests.tiny_models import tiny_config  # noqa: E402
@@ -191,9 +191,31 @@ def test_qlora_adapters_merge_into_the_4bit_llm(llm_path):
     assert abs(merged_loss - lora_loss) < 0.2
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_saved_model_on_a_quantised_llm_reloads_with_the_llm_alone_quantised(llm_path, tmp_path, quantization):
+    model = stage2_on(load_llm(llm_path, quantization))
+    train(model, tmp_path / "run", steps=2)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = Blip2BridgeForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+    def linear_types(module):
+        return {type(child) for child in module.modules() if isinstance(child, torch.nn.Linear)}
+
+    # Before: the LLM's quantization_config (in text_config) quantised every linear, the vision tower's included.
+    for bridge_part in (reloaded.vision_model, reloaded.qformer, reloaded.language_projection):
+        assert linear_types(bridge_part) == {torch.nn.Linear}
+    assert linear_types(reloaded.language_model) == linear_types(model.language_model)
+    assert QUANTIZED_LINEAR[quantization] in linear_types(reloaded.language_model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    batch = stage2_collator([Stage2Captions()[index] for index in range(8)])
+    with torch.no_grad():
+        expected = model.train()(**batch).loss  # train mode (dropout 0): the CPU 4-bit kernel of eval mode differs
+        assert torch.equal(reloaded.train()(**batch).loss, expected)
+
+
 def test_bridge_trained_on_a_4bit_llm_moves_onto_the_full_precision_llm(llm_path, tmp_path):
-    """A model holding a bitsandbytes LLM does not reload with `from_pretrained` (its text_config carries the
-    quantization_config, applied then to the whole model); the bridge weights carry over to the full-precision LLM."""
+    """The bridge weights trained on a 4-bit LLM carry over to the same model on the full-precision LLM."""
     model = stage2_on(load_llm(llm_path, "nf4"))
     train(model, tmp_path, steps=2)
     bridge = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("language_model.")}
