@@ -255,8 +255,7 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         recomputation in backward cannot write it twice.
 
         project_image: `hidden_states` are image features; returns this layer's cross-attention keys and values of them
-        (`Blip2BridgeQFormerAttention.project_key_value`). Projected through the layer's own call, so that an FSDP
-        unit per layer gathers the weights it uses.
+        (`Blip2BridgeQFormerAttention.project_key_value`), for a layer that an FSDP unit wraps (`project_key_value`).
         """
         if project_image:
             return self.crossattention.project_key_value(hidden_states)
@@ -290,6 +289,21 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
             outputs.append(text_output)
         layer_output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         return layer_output, *new_key_value, self_attention_weights, cross_attention_weights
+
+
+def project_key_value(layer: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
+    """`layer`'s cross-attention keys and values of `image_embeds`.
+
+    A layer wrapped by a sharder (an FSDP unit: FSDP's wrapper module, or the subclass FSDP2 makes of it) gathers its
+    weights only in its own call, so it projects through that call (`project_image=True`). Any other layer projects
+    directly, outside activation checkpointing: reentrant checkpointing would give the projection weights no gradient
+    where the features need none (image_embeds given as input). A wrapped layer under reentrant checkpointing gets
+    features that require a gradient for the same reason."""
+    if type(layer) is Blip2BridgeQFormerLayer:
+        return layer.crossattention.project_key_value(image_embeds)
+    if torch.is_grad_enabled() and not image_embeds.requires_grad:
+        image_embeds = image_embeds.detach().requires_grad_()
+    return layer(image_embeds, project_image=True)
 
 
 @dataclass
@@ -365,7 +379,7 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
         """
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # from a tower that may compute in half precision
-        return [layer(image_embeds, project_image=True) if layer.has_cross_attention else None for layer in self.layer]
+        return [project_key_value(layer, image_embeds) if layer.has_cross_attention else None for layer in self.layer]
 
     def get_input_embeddings(self):
         return getattr(self, "word_embeddings", None)

@@ -329,18 +329,23 @@ def test_itc_image_to_text_term_trains_only_the_image_side():
     assert model.vision_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("image_input", ["pixel_values", "image_embeds"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant, image_input):
     # Reentrant checkpointing sees only tensors passed positionally: the images' keys/values and the queries' cache
-    # (read by the ITG pass) must reach each layer as single tensors for their gradients to flow back once.
+    # (read by the ITG pass) must reach each layer as single tensors for their gradients to flow back once. Given as
+    # image_embeds, the features need no gradient: their projection must still train.
     pixel_values, input_ids, attention_mask = tiny_batch()
     results = []
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
             enable_activation_checkpointing(model, use_reentrant=use_reentrant)
+        with torch.no_grad():
+            images = {"pixel_values": pixel_values} if image_input == "pixel_values" else {
+                "image_embeds": model.get_image_embeds(pixel_values)}
         torch.manual_seed(3)
-        out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        out = model(**images, input_ids=input_ids, attention_mask=attention_mask)
         out.loss.backward()
         results.append((out.loss.detach(), model.query_tokens.grad.clone(), model.text_proj.weight.grad.clone(),
                         model.qformer.layer[0].crossattention.value.weight.grad.clone(),
