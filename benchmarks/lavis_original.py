@@ -1,21 +1,22 @@
-"""The original BLIP-2 stage-1 model (salesforce/LAVIS's `Blip2Qformer`), built from the released package's own source
-with random weights, for benchmarks that time it beside ours on the same machine and precision.
+"""The original BLIP-2 models (salesforce/LAVIS's stage-1 `Blip2Qformer` and stage-2 `Blip2OPT`), built from the
+released package's own source with random weights, for benchmarks that time them beside ours on the same machine and
+precision.
 
 LAVIS itself does not install beside transformers 5 (it pins transformers 4.x, and importing `lavis` loads every model
-and dataset it has), so only the modules the stage-1 model runs are imported from the package's files:
-`lavis/models/blip2_models/{Qformer,blip2,blip2_qformer}.py`, `lavis/models/eva_vit.py` and
+and dataset it has), so only the modules these models run are imported from the package's files:
+`lavis/models/blip2_models/{Qformer,blip2,blip2_qformer,blip2_opt,modeling_opt}.py`, `lavis/models/eva_vit.py` and
 `lavis/models/base_model.py`. What they import only to download weights, register models or parse configs is
-replaced by stand-ins, and the three helpers transformers 5 dropped from `transformers.modeling_utils` are put back.
-The model code that runs — the Q-Former, the EVA ViT-g tower, the losses, the negative sampling, the all-gathers — is
-LAVIS's, unchanged.
+replaced by stand-ins; what transformers 5 dropped and the transformers-4 code calls is put back (three helpers of
+`transformers.modeling_utils`, `invert_attention_mask`, `get_head_mask`, and transformers 4's weight initialisation
+and tying). The model code that runs (the Q-Former, the EVA ViT-g tower, LAVIS's OPT, the losses, the negative
+sampling, the all-gathers) is LAVIS's, unchanged.
 
     pip download --no-deps salesforce-lavis==1.0.2 -d /tmp/lavis   # the release BLIP-2 shipped in; not installed
-    python benchmarks/train_throughput.py --lavis /tmp/lavis/salesforce_lavis-1.0.2-py3-none-any.whl
+    python benchmarks/train_throughput.py --stage --lavis /tmp/lavis/salesforce_lavis-1.0.2-py3-none-any.whl
 
-Two things are given to the original rather than built by it, both outside its GPU step: the tokenizer (a stand-in
-hands over the same pre-tokenised batch ours receives from its collator; LAVIS tokenises inside `forward`, on the CPU)
-and the weights (random, as ours: `Blip2Base.init_Qformer` downloads bert-base-uncased, `create_eva_vit_g` the EVA
-weights).
+Given to the original rather than built by it, all outside its GPU step: the tokenizers (a stand-in hands over the
+same pre-tokenised batch ours receives from its collator; LAVIS tokenises inside `forward`, on the CPU) and the
+weights (random, as ours: LAVIS downloads bert-base-uncased, the EVA weights and facebook/opt-*).
 """
 
 import importlib.util
