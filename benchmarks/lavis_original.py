@@ -35,7 +35,9 @@ _STAND_INS = {
     "lavis.common.registry": {"registry": types.SimpleNamespace(register_model=lambda name: (lambda cls: cls))},
     "lavis.common.dist_utils": {
         "download_cached_file": lambda *args, **kwargs: None,
-        "is_dist_avail_and_initialized": lambda: torch.distributed.is_available() and torch.distributed.is_initialized(),
+        "is_dist_avail_and_initialized": (
+            lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
+        ),
         "get_rank": lambda: torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
         "get_world_size": lambda: torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "is_main_process": lambda: True,
