@@ -319,9 +319,9 @@ def gpu_worker(implementation: str, stage: int, batch_size: int, steps: int, war
                           device=torch.cuda.get_device_name())), flush=True)
 
 
-def run_gpu_measurement(implementation: str, stage: int, batch_size: int, args) -> dict:
+def run_gpu_measurement(implementation: str, stage: int, batch_size: int, args, halve_on_oom: bool = True) -> dict:
     """Runs `gpu_worker` in a fresh process (its own peak memory, no state shared between implementations), halving
-    the batch on out-of-memory."""
+    the batch on out-of-memory (or, without `halve_on_oom`, returning the out-of-memory record)."""
     import subprocess
 
     while True:
@@ -334,9 +334,23 @@ def run_gpu_measurement(implementation: str, stage: int, batch_size: int, args) 
             print(f"{implementation} stage {stage} failed:\n{finished.stderr[-3000:]}", flush=True)
             return {"implementation": implementation, "stage": stage, "batch_size": batch_size, "failed": True}
         result = json.loads(finished.stdout.strip().splitlines()[-1])
-        if not result.get("out_of_memory") or batch_size == 1:
+        if not result.get("out_of_memory") or batch_size == 1 or not halve_on_oom:
             return result
         batch_size //= 2
+
+
+def largest_fitting_batch(implementation: str, stage: int, batch_size: int, args) -> dict:
+    """The measurement at the largest batch that fits: from `batch_size`, doubled until a step runs out of memory."""
+    best = run_gpu_measurement(implementation, stage, batch_size, args)
+    while "samples_per_s" in best and best["batch_size"] == batch_size:
+        batch_size *= 2
+        trial = run_gpu_measurement(implementation, stage, batch_size, args, halve_on_oom=False)
+        if "samples_per_s" not in trial:
+            print(f"stage {stage}, {implementation}: batch {batch_size} does not fit; the largest is "
+                  f"{best['batch_size']}", flush=True)
+            break
+        best = trial
+    return best
 
 
 def gpu_measurements(args) -> list[dict]:
@@ -348,8 +362,11 @@ def gpu_measurements(args) -> list[dict]:
         implementations = (["ours"] + (["ours, cached features"] if stage == 1 else [])
                            + (["original"] if args.lavis else []))
         for implementation in implementations:
-            result = run_gpu_measurement(implementation, stage, batch_size, args)
-            batch_size = result["batch_size"]  # the original runs at the batch ours fitted
+            if implementation == "ours" and args.largest_batch:
+                result = largest_fitting_batch(implementation, stage, batch_size, args)
+            else:
+                result = run_gpu_measurement(implementation, stage, batch_size, args)
+            batch_size = result["batch_size"]  # the others run at the batch ours fitted
             if peak is not None and "s_per_step" in result:
                 result["mfu_percent"] = 100 * result["tflop_per_step"] / result["s_per_step"] / peak
             rows.append(result)
@@ -385,6 +402,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-stage", type=int, nargs="*", default=[1, 2], choices=[1, 2],
                         help="GPU stages to run (with a CUDA device)")
     parser.add_argument("--gpu-batch", type=int, help=f"GPU batch size (default: {GPU_BATCH}, halved on OOM)")
+    parser.add_argument("--largest-batch", action="store_true",
+                        help="double ours' GPU batch until it no longer fits; the others then run at the largest")
     parser.add_argument("--lavis", help="a salesforce-lavis wheel or unpacked folder: time the original on the GPU too")
     parser.add_argument("--peak-tflops", type=float, help="GPU dense bf16 peak, for MFU (default: known GPUs)")
     parser.add_argument("--json", help="write the GPU measurements to this file")
