@@ -255,7 +255,7 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         recomputation in backward cannot write it twice.
 
         project_image: `hidden_states` are image features; returns this layer's cross-attention keys and values of them
-        (`Blip2BridgeQFormerAttention.project_key_value`), for a layer that an FSDP unit wraps (`project_key_value`).
+        (`Blip2BridgeQFormerAttention.project_key_value`), for a layer an FSDP unit wraps (`layer_image_key_value`).
         """
         if project_image:
             return self.crossattention.project_key_value(hidden_states)
@@ -291,7 +291,7 @@ class Blip2BridgeQFormerLayer(GradientCheckpointingLayer):
         return layer_output, *new_key_value, self_attention_weights, cross_attention_weights
 
 
-def project_key_value(layer: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
+def layer_image_key_value(layer: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
     """`layer`'s cross-attention keys and values of `image_embeds`.
 
     A layer wrapped by a sharder (an FSDP unit: FSDP's wrapper module, or the subclass FSDP2 makes of it) gathers its
@@ -379,7 +379,9 @@ class Blip2BridgeQFormerModel(Blip2BridgePreTrainedModel):
         Computed once per image, they serve every pass that reads the same images (ITC's query pass and ITM).
         """
         image_embeds = image_embeds.to(self.layernorm.weight.dtype)  # from a tower that may compute in half precision
-        return [project_key_value(layer, image_embeds) if layer.has_cross_attention else None for layer in self.layer]
+        return [
+            layer_image_key_value(layer, image_embeds) if layer.has_cross_attention else None for layer in self.layer
+        ]
 
     def get_input_embeddings(self):
         return getattr(self, "word_embeddings", None)

@@ -52,6 +52,7 @@ class ScalarTemperature(ConversionOps):
     def reverse_op(self) -> "ScalarTemperature":
         return ScalarTemperature(() if self.shape == (1,) else (1,))
 
+
 @dataclass
 class Blip2BridgeModelOutput(ModelOutput):
     """

@@ -90,7 +90,7 @@ class Blip2BridgeTrainingArguments(TrainingArguments):
     decay_scalar_parameters: bool = field(
         default=True,
         metadata={
-            "help": "weight decay on scalar parameters (the temperature temp), as LAVIS's Blip2Base.get_optimizer_params; "
+            "help": "weight decay on scalars (the temperature temp), as LAVIS's Blip2Base.get_optimizer_params; "
             "false: exempt them, as the LAVIS runner of BLIP-2's release (p.ndim < 2)"
         },
     )
