@@ -14,8 +14,9 @@ Layout of a cache folder:
 
 Augmentation: `num_views=0` (default) stores one view per image, the image processor's plain resize. `num_views=N`
 stores N views of `RandomResizedCropAndFlip`, drawn in turn from one generator per image seeded by (seed, image),
-and training draws one of them per sample. A cached view is fixed: over all epochs the model sees at most N distinct crops of an image, where training
-from pixels draws a new crop at every step. Caching trades that variety (and N times the disk) for the tower's time.
+and training draws one of them per sample. A cached view is fixed: over all epochs the model sees at most N distinct
+crops of an image, where training from pixels draws a new crop at every step. Caching trades that variety (and N
+times the disk) for the tower's time.
 
 Resumable: each shard is written as soon as it is done (`evaluation.shards.map_shards`), and a rerun with the same
 arguments computes only the shards that are missing. Work splits across processes under `accelerate launch`.
