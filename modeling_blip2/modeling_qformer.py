@@ -297,11 +297,12 @@ def layer_image_key_value(layer: nn.Module, image_embeds: torch.Tensor) -> torch
     A layer wrapped by a sharder (an FSDP unit: FSDP's wrapper module, or the subclass FSDP2 makes of it) gathers its
     weights only in its own call, so it projects through that call (`project_image=True`). Any other layer projects
     directly, outside activation checkpointing: reentrant checkpointing would give the projection weights no gradient
-    where the features need none (image_embeds given as input). A wrapped layer under reentrant checkpointing gets
-    features that require a gradient for the same reason."""
+    where the features need none (image_embeds given as input). A wrapped layer that checkpoints gets features that
+    require a gradient for the same reason."""
     if type(layer) is Blip2BridgeQFormerLayer:
         return layer.crossattention.project_key_value(image_embeds)
-    if torch.is_grad_enabled() and not image_embeds.requires_grad:
+    checkpoints = layer.gradient_checkpointing and layer.training  # read through the wrapper
+    if checkpoints and torch.is_grad_enabled() and not image_embeds.requires_grad:
         image_embeds = image_embeds.detach().requires_grad_()
     return layer(image_embeds, project_image=True)
 

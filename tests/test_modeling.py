@@ -354,6 +354,52 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant,
         torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
 
 
+class ShardedLayerStandIn(torch.nn.Module):
+    """What a sharder makes of a Q-Former layer (FSDP's wrapper module): the layer is only reached through this
+    module's call, and attributes are read through it."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.wrapped = layer
+
+    def forward(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.wrapped, name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_wrapped_layers_project_the_images_through_their_own_call_with_the_same_gradients(use_reentrant):
+    pixel_values, input_ids, attention_mask = tiny_batch()
+    results = []
+    for wrapped in (False, True):
+        model = tiny_model().train()
+        enable_activation_checkpointing(model, use_reentrant=use_reentrant)
+        calls = []
+        if wrapped:
+            for index, layer in enumerate(model.qformer.layer):
+                model.qformer.layer[index] = ShardedLayerStandIn(layer)
+                model.qformer.layer[index].register_forward_pre_hook(
+                    lambda module, args, kwargs: calls.append(kwargs.get("project_image", False)), with_kwargs=True
+                )
+        with torch.no_grad():
+            image_embeds = model.get_image_embeds(pixel_values)  # needs no gradient
+        torch.manual_seed(3)
+        out = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+        out.loss.backward()
+        if wrapped:  # every cross-attention projection went through a wrapper's call
+            cross_layers = sum(layer.has_cross_attention for layer in model.qformer.layer)
+            assert calls.count(True) >= cross_layers > 0
+        results.append((out.loss.detach(), model.qformer.layer[0].crossattention.key.weight.grad.clone(),
+                        model.qformer.layer[0].crossattention.value.weight.grad.clone()))
+    for plain, wrapped in zip(*results):
+        torch.testing.assert_close(plain, wrapped, atol=1e-6, rtol=1e-5)
+
+
 def test_sdpa_and_eager_attention_agree():
     pixel_values, input_ids, attention_mask = tiny_batch()
     losses = []
