@@ -10,7 +10,6 @@ queries, 32 text tokens), bf16 autocast with the frozen tower in bf16, fused Ada
 
 import argparse
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -18,17 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput  # noqa: E402  (a sibling script, not a package)
-
-
-def seconds_per_call(function, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        function()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        function()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv=None) -> int:
@@ -54,6 +42,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
                                   fused=True)
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    seconds_per_call = partial(train_throughput.seconds_per_call, calls=args.steps, warmup=2, device=device)
 
     def train_step(**inputs):
         with autocast():
@@ -67,14 +56,14 @@ def main(argv=None) -> int:
             return model.get_vision_features(batch["pixel_values"])
 
     torch.cuda.reset_peak_memory_stats()
-    step = seconds_per_call(lambda: train_step(**batch), args.steps)
+    step = seconds_per_call(lambda: train_step(**batch))
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"batch {args.batch} ({torch.cuda.get_device_name()}): step {step * 1000:.0f} ms, peak {peak:.1f} GB",
           flush=True)
-    print(f"frozen tower's forward: {seconds_per_call(tower, args.steps) * 1000:.0f} ms", flush=True)
+    print(f"frozen tower's forward: {seconds_per_call(tower) * 1000:.0f} ms", flush=True)
     text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     features = tower()
-    rest = seconds_per_call(lambda: train_step(vision_features=features, **text), args.steps)
+    rest = seconds_per_call(lambda: train_step(vision_features=features, **text))
     print(f"the rest (Q-Former passes, losses, optimiser) from the tower's features: {rest * 1000:.0f} ms", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
@@ -95,7 +84,7 @@ def main(argv=None) -> int:
             with torch.no_grad(), autocast():
                 return original(batch["pixel_values"])
 
-        print(f"the original's tower forward: {seconds_per_call(original_tower, args.steps) * 1000:.0f} ms")
+        print(f"the original's tower forward: {seconds_per_call(original_tower) * 1000:.0f} ms")
     return 0
 
 

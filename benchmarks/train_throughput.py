@@ -195,6 +195,19 @@ def ours_gpu(stage: int, device: torch.device, cached_features: bool = False):
         return Blip2BridgeForConditionalGeneration(config), sample
 
 
+def seconds_per_call(function, calls: int, warmup: int, device: torch.device) -> float:
+    """Wall seconds per call of `function` after `warmup` untimed calls, the device's queue drained around them."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        function()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    synchronize()
+    return (time.perf_counter() - start) / calls
+
+
 def loss_of(output) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output.loss
 
@@ -245,7 +258,6 @@ def run_lavis_gpu(stage: int, batch_size: int, steps: int, warmup: int, lavis: s
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     else:
         dist.init_process_group("gloo", rank=0, world_size=1)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     tower = eva_vit_g()
     generator = torch.Generator().manual_seed(0)
@@ -282,15 +294,8 @@ def run_lavis_gpu(stage: int, batch_size: int, steps: int, warmup: int, lavis: s
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    seconds = time.perf_counter() - start
-    result = {"samples_per_s": batch_size * steps / seconds, "s_per_step": seconds / steps}
+    seconds_per_step = seconds_per_call(step, steps, warmup, device)
+    result = {"samples_per_s": batch_size / seconds_per_step, "s_per_step": seconds_per_step}
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     result["tflop_per_step"] = step_flops(model, device, samples) / 1e12
