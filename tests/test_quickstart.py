@@ -198,6 +198,8 @@ def test_quickstart_switches_read_as_switches():
     assert settings_from_arguments(parser.parse_args(["--instruction-aware"])).instruction_aware is True
     assert settings_from_arguments(parser.parse_args(["--no-instruction-aware"])).instruction_aware is False
     assert settings_from_arguments(parser.parse_args(["--lora-rank", "4"])).lora_rank == 4
+    assert settings_from_arguments(parser.parse_args([])).vqa_steps == 0
+    assert settings_from_arguments(parser.parse_args(["--vqa-steps", "1000"])).vqa_steps == 1000
 
 
 def test_capfilt_switches_read_as_switches():
