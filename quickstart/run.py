@@ -56,10 +56,10 @@ class QuickstartSettings:
     vision_steps: int = knob(600, "image-encoder pre-training steps")
     language_steps: int = knob(150, "LLM pre-training steps")
     stage1_steps: int = knob(1000, "stage-1 steps (ITC + ITM + ITG)")
-    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM, which carries LoRA adapters): on "
-                             "captions alone, or on captions and answers together when --vqa-steps is 0")
-    vqa_steps: int = knob(1400, "VQA fine-tuning steps after stage 2: answers to the scenes' questions, with each caption "
-                          "once more (0: no fine-tuning; stage 2 then trains on captions and answers together)")
+    stage2_steps: int = knob(800, "stage-2 steps (the Q-Former prompts the frozen LLM, which carries LoRA "
+                             "adapters): on captions alone, or on captions and answers together when --vqa-steps is 0")
+    vqa_steps: int = knob(1400, "VQA fine-tuning steps after stage 2: answers to the scenes' questions, with each "
+                          "caption once more (0: no fine-tuning; stage 2 then trains on captions and answers together)")
     batch_size: int = knob(32, "batch size of every phase")
     num_query_tokens: int = knob(8, "learned queries (32 in the paper)")
     qformer_hidden_size: int = knob(128, "Q-Former width (768 in the paper)")
@@ -77,7 +77,8 @@ class QuickstartSettings:
                          "OUTPUT_DIR/capfilt/ and results.json's \"capfilt\"")
 
 
-# How often stage 2 sees each caption when it also trains on answers (--vqa-steps 0) (it sees each of the scene's five questions once).
+# How often stage 2 sees each caption when it also trains on answers (--vqa-steps 0); it sees each of the scene's five
+# questions once.
 CAPTION_REPEATS = 2
 # How often VQA fine-tuning sees each scene's caption (next to each of its five questions once): captioning, which
 # stage 2 taught, is kept up while the answers are learned, as InstructBLIP mixes captioning into instruction tuning.
