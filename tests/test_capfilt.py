@@ -96,6 +96,18 @@ def test_threshold_applies_before_top_k():
     assert keep_captions(SCORES, KeepRule(rank_by="itc", top_k=2, itm_threshold=0.6)) == [3, 0]
 
 
+def test_synthetic_captions_can_have_their_own_threshold():
+    sourced = [dict(score, source=source) for score, source in zip(SCORES, ["web"] + 4 * ["synthetic"])]
+    # Web 0 (itm 0.9) passes 0.5; of the synthetic ones only 3 (0.7) reaches 0.65; 2 (0.5) and 4 (0.6) would pass 0.5.
+    rule = KeepRule(rank_by="itc", top_k=None, itm_threshold=0.5, synthetic_itm_threshold=0.65)
+    assert keep_captions(sourced, rule) == [3, 0]
+    # A stricter web threshold leaves the synthetic one alone; with no web threshold every web caption passes.
+    strict_web = KeepRule(rank_by="itc", top_k=1, itm_threshold=0.95, synthetic_itm_threshold=0.65)
+    assert keep_captions(sourced, strict_web) == [3]
+    assert keep_captions(sourced, KeepRule(rank_by="itm", top_k=None, synthetic_itm_threshold=0.8)) == [0]
+    assert KeepRule(top_k=None, synthetic_itm_threshold=0.8).needs_itm
+
+
 def test_ties_keep_the_earlier_candidate():
     tied = [{"itc": 0.1, "itm": 0.2}, {"itc": 0.3, "itm": 0.4}, {"itc": 0.3, "itm": 0.4}, {"itc": 0.3, "itm": 0.4}]
     assert keep_captions(tied, KeepRule(rank_by="itc", top_k=2)) == [1, 2]
@@ -115,6 +127,7 @@ def test_an_image_whose_captions_all_fail_the_threshold_keeps_none():
         (dict(top_k=0), "top_k is 0"),
         (dict(itm_threshold=1.5), "itm_threshold is 1.5"),
         (dict(itm_threshold=-0.1), r"itm_threshold is -0\.1"),
+        (dict(synthetic_itm_threshold=2.0), "synthetic_itm_threshold is 2.0"),
         (dict(top_k=None), "needs top_k, itm_threshold or both"),
     ],
 )
@@ -356,7 +369,9 @@ def test_command_line_keeps_the_top_caption_by_itc(stage1, coco, tmp_path, capsy
         assert entry["caption"] == [best["text"]]
         assert [c["kept"] for c in entry["candidates"]] == [c is best for c in entry["candidates"]]
     arguments = json.loads((output / "capfilt_arguments.json").read_text())
-    assert arguments["keep_rule"] == {"rank_by": "itc", "top_k": 1, "itm_threshold": None}
+    assert arguments["keep_rule"] == {
+        "rank_by": "itc", "top_k": 1, "itm_threshold": None, "synthetic_itm_threshold": None
+    }
     assert arguments["captioner_settings"]["num_captions"] == 2
     assert arguments["captioner_settings"]["max_new_tokens"] == 5
     assert arguments["source"] == str(annotation_file)

@@ -52,6 +52,9 @@ def add_capfilt_command(subcommands) -> None:
                       "passes --itm-threshold")
     keep.add_argument("--itm-threshold", type=float, metavar="P",
                       help="keep only captions whose ITM match probability is at least P (BLIP's filter: 0.5)")
+    keep.add_argument("--synthetic-itm-threshold", type=float, metavar="P",
+                      help="the threshold of synthetic captions instead of --itm-threshold: a stricter bar for the "
+                      "captioner's near misses (default: the same for both)")
 
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     parser.add_argument("--shard-size", type=int, default=1024,
@@ -84,7 +87,10 @@ def run_capfilt(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
     )
-    keep_rule = KeepRule(rank_by=args.rank_by, top_k=args.top_k or None, itm_threshold=args.itm_threshold)
+    keep_rule = KeepRule(
+        rank_by=args.rank_by, top_k=args.top_k or None, itm_threshold=args.itm_threshold,
+        synthetic_itm_threshold=args.synthetic_itm_threshold,
+    )
     accelerator = Accelerator()
     filter_model, filter_processor = load_model(args.model, args.dtype, accelerator.device)
     captioner_model = captioner_processor = None
