@@ -1,6 +1,7 @@
 """The quickstart's two tokenizers, trained on its own texts in a fraction of a second with the `tokenizers` library."""
 
 import string
+from collections import Counter
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizer, PreTrainedTokenizerFast
@@ -14,20 +15,24 @@ LLM_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</
 
 
 def train_qformer_tokenizer(texts: list[str], vocab_size: int = 300) -> BertTokenizer:
-    """A bert-base-uncased look-alike: WordPiece over `texts`, [CLS] ... [SEP] around every text, [DEC] as bos.
+    """A bert-base-uncased look-alike: a WordPiece vocabulary of the corpus's words, [CLS] ... [SEP] around every text,
+    [DEC] as bos.
 
-    Every lower-case letter, digit and punctuation mark is in the vocabulary, alone and as a word piece, so any
-    English text encodes without [UNK].
+    The vocabulary holds the special tokens, the `vocab_size` most frequent words of `texts` as BERT's normaliser and
+    pre-tokeniser split them (ties in alphabetical order) and every lower-case letter, digit and punctuation mark, alone
+    and as a word piece, so that any English text encodes without [UNK]. It is built by counting rather than with the
+    `tokenizers` WordPiece trainer, whose choice among equally frequent merges changes from process to process: the
+    same seed then trained a different Q-Former.
     """
-    word_piece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    word_piece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    word_piece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False)
-    word_piece.train_from_iterator(texts, trainer=trainer)
-    vocab = word_piece.get_vocab()
-    for character in string.ascii_lowercase + string.digits + string.punctuation:
-        for piece in (character, f"##{character}"):
-            vocab.setdefault(piece, len(vocab))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    words = sorted(counts, key=lambda word: (-counts[word], word))[:vocab_size]
+    vocab = {token: index for index, token in enumerate(BERT_SPECIAL_TOKENS)}
+    for piece in words + [f"{prefix}{character}" for character in string.ascii_lowercase + string.digits
+                          + string.punctuation for prefix in ("", "##")]:
+        vocab.setdefault(piece, len(vocab))
     # BertTokenizer builds BERT's normaliser, pre-tokeniser and [CLS]/[SEP] template around the vocabulary.
     tokenizer = BertTokenizer(vocab=vocab)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
