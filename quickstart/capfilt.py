@@ -23,8 +23,8 @@ CAPTIONER = CaptionerSettings(num_captions=10, top_p=0.9, max_new_tokens=40, min
 # The filter: BLIP's ITM threshold for web captions and a stricter one for synthetic captions, then the best by
 # similarity, as BLIP-2 ranks. A scene has exactly one right caption, so BLIP-2's top two would keep a wrong second
 # caption for every image whose right one was found; ranking by ITM probability found the right caption less often than
-# ITC here. The captioner's samples are mostly near misses, which ITM rates as high as the truth: at 0.5, 69% of the
-# kept synthetic captions were wrong, and 0.9 was chosen from the scores of that run (docs/capfilt.md has the rules).
+# ITC here. The captioner's samples are mostly near misses, which ITM rates as high as the truth: at 0.5, two thirds of
+# the kept synthetic captions were wrong, and 0.9 was chosen from a run's scores (docs/capfilt.md has the rules).
 KEEP_RULE = KeepRule(rank_by="itc", top_k=1, itm_threshold=0.5, synthetic_itm_threshold=0.9)
 
 
